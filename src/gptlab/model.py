@@ -60,6 +60,7 @@ PRESETS: dict[str, GPTConfig] = {
     "tiny": GPTConfig(context_length=64, n_embd=32, n_layer=2, n_head=2),
     # What `make demo` trains on the-verdict.txt in about a minute on 2 CPU cores.
     "demo": GPTConfig(context_length=128, n_embd=192, n_layer=4, n_head=4),
+    "demo128": GPTConfig(context_length=128, n_embd=128, n_layer=4, n_head=4),
     "small": GPTConfig(context_length=256, n_embd=384, n_layer=6, n_head=6),
     # OpenAI's GPT-2 sizes (Hugging Face: openai-community/gpt2, -medium, -large, -xl).
     "gpt2-small": GPTConfig(),
@@ -170,6 +171,15 @@ class GPTModel(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def set_dropout(self, p: float) -> None:
+        """Change every dropout rate; dropout holds no weights, so a loaded model may train with another."""
+        self.config = replace(self.config, dropout=p)
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            elif isinstance(module, CausalSelfAttention):
+                module.dropout = p
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once

@@ -90,10 +90,14 @@ def read_run_config(run_dir: str | Path) -> dict:
     return config
 
 
-def load_model_weights(model: GPTModel, state: dict[str, torch.Tensor], source: str | Path) -> None:
+def load_model_weights(
+    model: GPTModel, state: dict[str, torch.Tensor], source: str | Path, assign: bool = False
+) -> None:
     """Copy ``state`` into ``model``, with an error that names the mismatch instead of PyTorch's wall of keys.
 
     An output head of another width than the vocabulary (a classifier's) replaces ``lm_head`` first.
+    ``assign=True`` makes ``state``'s tensors the parameters instead of copying them: for a model built
+    on the meta device, so that loading holds one copy of the weights, not two.
     """
     head = state.get("lm_head.weight")
     if head is not None and head.shape[0] != model.config.vocab_size:
@@ -112,7 +116,10 @@ def load_model_weights(model: GPTModel, state: dict[str, torch.Tensor], source: 
             k = wrong[0]
             details.append(f"{k} has shape {tuple(state[k].shape)}, config needs {tuple(expected[k].shape)}")
         raise GptlabError(f"{source}: weights do not match the config ({'; '.join(details)})")
-    model.load_state_dict(state, strict=False)  # strict=False only for the tied head, checked above
+    tied = model.lm_head.weight is model.wte.weight
+    model.load_state_dict(state, strict=False, assign=assign)  # strict=False only for the tied head, checked above
+    if assign and tied:
+        model.lm_head.weight = model.wte.weight  # assigning replaced wte's Parameter; tie the head to the new one
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[GPTModel, Tokenizer, dict]:
@@ -126,7 +133,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[G
         state = load_file(weights, device=str(device))
     except (SafetensorError, OSError) as e:
         raise GptlabError(f"{weights}: corrupt weights file ({e})") from None
-    model = GPTModel(GPTConfig.from_dict(config["model"])).to(device)
-    load_model_weights(model, state, weights)
+    with torch.device("meta"):  # no random init to overwrite: the loaded tensors become the parameters
+        model = GPTModel(GPTConfig.from_dict(config["model"]))
+    load_model_weights(model, state, weights, assign=True)
     tokenizer = get_tokenizer(config["tokenizer"], base_dir=run_dir)
     return model.eval(), tokenizer, config

@@ -160,11 +160,18 @@ class SimpleTokenizerV2(SimpleTokenizerV1):
         return self.str_to_int.get(word, self.str_to_int[UNK])
 
 
+def _load_bpe(directory: Path, meta: dict) -> Tokenizer:
+    from gptlab.bpe import BPETokenizer  # imported on use: gptlab.bpe imports this module
+
+    return BPETokenizer.load(directory)
+
+
 # How each saved tokenizer type is rebuilt from its directory; other tokenizer modules register here.
 TOKENIZER_LOADERS: dict[str, Callable[[Path, dict], Tokenizer]] = {
     "gpt2": lambda directory, meta: get_tokenizer("gpt2"),
     "words-v1": lambda directory, meta: SimpleTokenizerV1(meta["vocab"]),
     "words-v2": lambda directory, meta: SimpleTokenizerV2(meta["vocab"]),
+    "bpe": _load_bpe,
 }
 
 

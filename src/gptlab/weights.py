@@ -1,23 +1,496 @@
-"""Read a model from wherever it lives: ``load(source)`` returns ``(model, tokenizer)``.
+"""Read a model from wherever it lives, and write it where the rest of the ecosystem can read it.
 
-Sources understood so far: a gptlab run directory (see ``gptlab.run``).
+``load(source)`` returns ``(model, tokenizer)`` for any of these sources:
+
+    run directory   what gptlab's stages write (``config.json`` with a "model" section, see ``gptlab.run``)
+    gpt2, gpt2-medium, gpt2-large, gpt2-xl
+                    OpenAI's GPT-2 from the Hugging Face hub (``openai-community/gpt2`` ...)
+    org/name        any GPT-2 model on the Hugging Face hub (a local path of that name wins)
+    HF folder       ``config.json`` (model_type gpt2) + ``model.safetensors`` or ``pytorch_model.bin``
+    TF folder       OpenAI's original TensorFlow checkpoint: ``hparams.json`` + ``model.ckpt.*``
+                    (as the LLMs-from-scratch book's ``gpt_download.py`` leaves it; needs ``gptlab[tf]``)
+    book .pth       a state dict of the LLMs-from-scratch book's ``GPTModel`` (``tok_emb``, ``trf_blocks.N.att.W_query``)
+
+Every format is a small key map onto gptlab's names, which already are OpenAI's (``wte``, ``h.N.attn.c_attn``).
+The configuration is read from the checkpoint; ``expect=`` turns a mismatch into an error naming the fields.
+
+Memory: the model is built on the meta device (no storage at all) and the checkpoint's tensors are
+assigned into it, read one at a time; OpenAI/HF's Conv1D weights, stored (in, out), are transposed as
+they arrive. Loading gpt2-xl so holds one copy of the weights plus one tensor, never two copies.
+Nothing is ever unpickled: safetensors, or ``torch.load(weights_only=True)``.
+
+``export_hf(model, out_dir)`` writes ``config.json`` + ``model.safetensors`` that
+``transformers.GPT2LMHeadModel.from_pretrained(out_dir)`` loads.
 """
 from __future__ import annotations
 
+import json
+import logging
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from gptlab.errors import GptlabError
-from gptlab.model import GPTModel
-from gptlab.run import CONFIG_FILE, load_run
-from gptlab.tokenizer import Tokenizer
+from gptlab.model import GPTConfig, GPTModel
+from gptlab.run import BUILTIN_TOKENIZERS, CONFIG_FILE, atomic_write, atomic_write_text, load_model_weights, load_run
+from gptlab.tokenizer import Tokenizer, get_tokenizer
+
+log = logging.getLogger("gptlab")
+
+State = dict[str, torch.Tensor]
+
+GPT2_HUB_IDS = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+# What a checkpoint fixes. Dropout is not among them: it holds no weights, so `expect` may change it.
+ARCHITECTURE_FIELDS = ("vocab_size", "context_length", "n_embd", "n_layer", "n_head", "qkv_bias", "tie_weights")
+GPT2_VOCAB_SIZE = 50257
+
+HF_WEIGHTS = "model.safetensors"
+HF_SHARD_INDEX = "model.safetensors.index.json"
+HF_TORCH_WEIGHTS = "pytorch_model.bin"
+HF_TOKENIZER_DIR = "gptlab_tokenizer"  # not "tokenizer.json" at the top: that name is Hugging Face's
+# OpenAI (and so Hugging Face) store these as Conv1D weights, (in, out); a Linear's weight is (out, in).
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def load(source: str | Path, device: str | torch.device = "cpu") -> tuple[GPTModel, Tokenizer]:
-    """Load a model and its tokenizer from ``source`` (a run directory), in eval mode on ``device``."""
+# ---- the public entry points --------------------------------------------------------------------
+
+def load(
+    source: str | Path, device: str | torch.device = "cpu", expect: GPTConfig | None = None
+) -> tuple[GPTModel, Tokenizer]:
+    """Load a model and its tokenizer from ``source`` (see the module docstring), in eval mode on ``device``.
+
+    ``expect``: the config the caller needs; an architecture that differs raises ``GptlabError`` naming the
+    fields, and the model takes ``expect.dropout``.
+    """
+    text = str(source)
     path = Path(source)
-    if path.is_dir() and (path / CONFIG_FILE).is_file():
-        model, tokenizer, _ = load_run(path, device)
-        return model, tokenizer
-    raise GptlabError(f"cannot load {str(source)!r}: not a gptlab run directory (expected {CONFIG_FILE} inside)")
+    if text in GPT2_HUB_IDS:  # a short name always means the hub; write ./gpt2 for a folder of that name
+        model, tokenizer = _load_hf_folder(download_from_hub(GPT2_HUB_IDS[text]), expect)
+    elif path.exists():
+        model, tokenizer = _load_local(path, expect)
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith("."):
+        model, tokenizer = _load_hf_folder(download_from_hub(text), expect)
+    else:
+        raise GptlabError(
+            f"cannot load {text!r}: no such file or directory, and not a hub id "
+            f"({', '.join(GPT2_HUB_IDS)} or org/name)"
+        )
+    if expect is not None:
+        check_config(model.config, expect, source)
+        model.set_dropout(expect.dropout)
+    return model.to(device).eval(), tokenizer
+
+
+def check_config(found: GPTConfig, requested: GPTConfig, source: str | Path) -> None:
+    """Raise ``GptlabError`` naming every architecture field in which ``found`` differs from ``requested``."""
+    differing = [
+        f"{name} {getattr(found, name)!r} (requested {getattr(requested, name)!r})"
+        for name in ARCHITECTURE_FIELDS
+        if getattr(found, name) != getattr(requested, name)
+    ]
+    if differing:
+        raise GptlabError(f"{source}: the checkpoint's config differs from the requested one: {', '.join(differing)}")
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """The local snapshot folder of a hub model: downloaded once (with a progress bar), then from the cache.
+
+    Honours ``HF_HOME`` / ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE=1`` as every Hugging Face tool does.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=[CONFIG_FILE, "model*.safetensors*"]))
+        if not _hf_weight_files(folder):  # an older repo with only PyTorch pickles (read with weights_only)
+            folder = Path(snapshot_download(repo_id, allow_patterns=[CONFIG_FILE, HF_TORCH_WEIGHTS]))
+    except LocalEntryNotFoundError:
+        raise GptlabError(
+            f"{repo_id}: not a local path, not in the Hugging Face cache, and the hub cannot be reached; "
+            "downloading needs internet once (and HF_HUB_OFFLINE unset), or point HF_HOME at a cache that holds it"
+        ) from None
+    except (HfHubHTTPError, OSError) as e:
+        raise GptlabError(f"{repo_id}: cannot download from the Hugging Face hub ({type(e).__name__}: {e})") from None
+    return folder
+
+
+def export_hf(model: GPTModel, out_dir: str | Path, tokenizer: Tokenizer | None = None) -> None:
+    """Write ``config.json`` + ``model.safetensors`` in Hugging Face's GPT-2 layout to ``out_dir``.
+
+    A tokenizer other than GPT-2's is saved under ``gptlab_tokenizer/`` so that ``load`` finds it again.
+    """
+    config = model.config
+    head = model.lm_head.weight
+    if head.shape[0] != config.vocab_size:
+        raise GptlabError(
+            f"this model has a {head.shape[0]}-way classifier head; --format hf exports language models only"
+        )
+    state: State = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            if config.tie_weights:
+                continue  # Hugging Face ties it to transformer.wte.weight itself
+            state[name] = tensor
+        else:
+            state[f"transformer.{name}"] = tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
+        if name.endswith("attn.c_attn.weight") and not config.qkv_bias:
+            # Hugging Face's GPT-2 always has a qkv bias: zeros compute the same thing.
+            state[f"transformer.{name[:-len('weight')]}bias"] = tensor.new_zeros(3 * config.n_embd)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+    eos = tokenizer.eot_id if tokenizer is not None else GPT2_VOCAB_SIZE - 1  # <|endoftext|>
+    hf_config = hf_config_dict(config, eos, _export_tokenizer(tokenizer, Path(out_dir)))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / HF_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write_text(out_dir / CONFIG_FILE, json.dumps(hf_config, indent=2) + "\n")
+
+
+def hf_config_dict(config: GPTConfig, eos_id: int | None = GPT2_VOCAB_SIZE - 1, tokenizer_ref: str = "gpt2") -> dict:
+    """Hugging Face's ``GPT2Config`` fields for ``config`` (the ``config.json`` that ``export_hf`` writes)."""
+    eos_id = eos_id if eos_id is not None and eos_id < config.vocab_size else None
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.context_length,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "tie_word_embeddings": config.tie_weights,
+        "dtype": "float32",
+        # What Hugging Face's config cannot say; transformers keeps unknown keys and ignores them.
+        "gptlab": {"qkv_bias": config.qkv_bias, "tokenizer": tokenizer_ref},
+    }
+
+
+def _export_tokenizer(tokenizer: Tokenizer | None, out_dir: Path) -> str:
+    if tokenizer is None or tokenizer.name in BUILTIN_TOKENIZERS:
+        return tokenizer.name if tokenizer is not None else "gpt2"
+    tokenizer.save(out_dir / HF_TOKENIZER_DIR)
+    return HF_TOKENIZER_DIR
+
+
+# ---- which format is this? ----------------------------------------------------------------------
+
+def _load_local(path: Path, expect: GPTConfig | None) -> tuple[GPTModel, Tokenizer]:
+    if path.is_file():
+        if path.suffix in (".pth", ".pt"):
+            return _load_book_pth(path, expect)
+        if path.name == HF_WEIGHTS or path.name == HF_TORCH_WEIGHTS or path.name == "hparams.json":
+            return _load_local(path.parent, expect)
+        raise GptlabError(f"{path}: unknown model file; give a folder, or a .pth state dict of the book's GPTModel")
+    config_path = path / CONFIG_FILE
+    if config_path.is_file():
+        config = _read_json(config_path)
+        if isinstance(config.get("model"), dict):
+            model, tokenizer, _ = load_run(path)
+            return model, tokenizer
+        return _load_hf_folder(path, expect)
+    if (path / "hparams.json").is_file():
+        return _load_tf_folder(path)
+    raise GptlabError(
+        f"{path}: not a model folder: expected a gptlab run or Hugging Face folder ({CONFIG_FILE}), "
+        "or OpenAI's TensorFlow checkpoint (hparams.json + model.ckpt.*)"
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GptlabError(f"{path}: unreadable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise GptlabError(f"{path}: expected a JSON object")
+    return data
+
+
+def _assemble(config: GPTConfig, state: State, source: str | Path) -> GPTModel:
+    """A model of ``config`` whose parameters are ``state``'s tensors (no random init, no second copy)."""
+    with torch.device("meta"):
+        model = GPTModel(config)
+    dtype = torch.get_default_dtype()
+    state = {k: v if v.dtype == dtype or not v.is_floating_point() else v.to(dtype) for k, v in state.items()}
+    load_model_weights(model, state, source, assign=True)
+    return model
+
+
+def _gpt2_tokenizer(config: GPTConfig, source: str | Path) -> Tokenizer:
+    """GPT-2's tokenizer, the one these formats imply; a smaller vocabulary is loadable but suspicious."""
+    if config.vocab_size < GPT2_VOCAB_SIZE:
+        log.warning("%s: %d-token vocabulary is smaller than GPT-2's %d; GPT-2's tokenizer will produce ids "
+                    "this model does not have", source, config.vocab_size, GPT2_VOCAB_SIZE)
+    return get_tokenizer("gpt2")
+
+
+# ---- Hugging Face ------------------------------------------------------------------------------
+
+def _hf_weight_files(folder: Path) -> list[Path]:
+    if (folder / HF_SHARD_INDEX).is_file():
+        weight_map = _read_json(folder / HF_SHARD_INDEX).get("weight_map", {})
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    for name in (HF_WEIGHTS, HF_TORCH_WEIGHTS):
+        if (folder / name).is_file():
+            return [folder / name]
+    return []
+
+
+def _hf_config(raw: dict, path: Path) -> GPTConfig:
+    """GPTConfig from Hugging Face's ``GPT2Config`` fields; settings gptlab's model does not have are errors."""
+    if raw.get("model_type") != "gpt2":
+        raise GptlabError(f"{path}: model_type {raw.get('model_type')!r} is not 'gpt2'; gptlab runs GPT-2 models only")
+    n_embd = raw.get("n_embd", 768)
+    supported = {  # field: (value gptlab's model implements, Hugging Face's default)
+        "activation_function": (("gelu_new", "gelu_pytorch_tanh"), "gelu_new"),
+        "layer_norm_epsilon": ((1e-5,), 1e-5),
+        "n_inner": ((None, 4 * n_embd), None),
+        "scale_attn_weights": ((True,), True),
+        "scale_attn_by_inverse_layer_idx": ((False,), False),
+        "add_cross_attention": ((False,), False),
+    }
+    unsupported = [f"{k}={raw.get(k, d)!r}" for k, (ok, d) in supported.items() if raw.get(k, d) not in ok]
+    if unsupported:
+        raise GptlabError(f"{path}: gptlab's GPT-2 does not implement {', '.join(unsupported)}")
+    gptlab = raw.get("gptlab", {})
+    try:
+        return GPTConfig(
+            vocab_size=raw.get("vocab_size", GPT2_VOCAB_SIZE),
+            context_length=raw.get("n_positions", raw.get("n_ctx", 1024)),
+            n_embd=n_embd,
+            n_layer=raw.get("n_layer", 12),
+            n_head=raw.get("n_head", 12),
+            dropout=raw.get("resid_pdrop", 0.1),
+            qkv_bias=gptlab.get("qkv_bias", True),
+            tie_weights=raw.get("tie_word_embeddings", True),
+        )
+    except TypeError as e:
+        raise GptlabError(f"{path}: unusable config ({e})") from None
+
+
+def _hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors one at a time, each in its own memory, so that a transposed copy
+    can replace it before the next is read: loading peaks at one copy of the weights plus one tensor."""
+    for file in files:
+        try:
+            if file.suffix != ".safetensors":
+                state = _torch_load(file)
+                while state:
+                    yield state.popitem()
+                continue
+            with safe_open(file, framework="pt") as f:
+                keys = list(f.keys())
+            for key in keys:
+                # A fresh memory map per tensor: once copied, its pages leave this process. One map for the
+                # whole file would keep every page read so far resident next to the copies (twice the RSS).
+                with safe_open(file, framework="pt") as f:
+                    yield key, f.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise GptlabError(f"{file}: corrupt weights file ({e})") from None
+
+
+def _hf_to_gptlab(tensors: Iterable[tuple[str, torch.Tensor]], config: GPTConfig) -> State:
+    """Hugging Face names are gptlab's behind an optional ``transformer.`` prefix; Conv1D weights turn around."""
+    out: State = {}
+    for key, tensor in tensors:
+        name = key.removeprefix("transformer.")
+        if re.fullmatch(r"h\.\d+\.attn\.(bias|masked_bias)", name):
+            continue  # causal-mask buffers that old checkpoints stored; not weights
+        if name == "lm_head.weight" and config.tie_weights:
+            continue  # tied to wte.weight; some checkpoints store the same matrix twice
+        if name.endswith("attn.c_attn.bias") and not config.qkv_bias:
+            if tensor.count_nonzero():
+                raise GptlabError(f"{key}: the config says qkv_bias false, but this bias is not zero")
+            continue
+        out[name] = tensor.t().contiguous() if name.endswith(CONV1D_WEIGHTS) else tensor.clone()
+    return out
+
+
+def _load_hf_folder(folder: Path, expect: GPTConfig | None) -> tuple[GPTModel, Tokenizer]:
+    raw = _read_json(folder / CONFIG_FILE)
+    config = _hf_config(raw, folder / CONFIG_FILE)
+    files = _hf_weight_files(folder)
+    if not files:
+        raise GptlabError(f"{folder}: no {HF_WEIGHTS} (or {HF_TORCH_WEIGHTS}) next to {CONFIG_FILE}")
+    if expect is not None:  # compare before reading gigabytes
+        check_config(config, expect, folder)
+    model = _assemble(config, _hf_to_gptlab(_hf_tensors(files), config), folder)
+    tokenizer_ref = raw.get("gptlab", {}).get("tokenizer", "gpt2")
+    if tokenizer_ref == "gpt2":
+        return model, _gpt2_tokenizer(config, folder)
+    return model, get_tokenizer(tokenizer_ref, base_dir=folder)
+
+
+# ---- OpenAI's TensorFlow checkpoint -------------------------------------------------------------
+
+def _tf_name(name: str) -> tuple[str, bool]:
+    """``model/h3/attn/c_attn/w`` -> (``h.3.attn.c_attn.weight``, True: a Conv1D weight to transpose)."""
+    parts = name.removeprefix("model/").split("/")
+    if re.fullmatch(r"h\d+", parts[0]):
+        parts = ["h", parts[0][1:], *parts[1:]]
+    if parts[-1] in ("wte", "wpe"):
+        return f"{parts[-1]}.weight", False
+    last = {"g": "weight", "b": "bias", "w": "weight"}.get(parts[-1])
+    if last is None:
+        raise GptlabError(f"unexpected variable {name!r} in the TensorFlow checkpoint")
+    return ".".join([*parts[:-1], last]), parts[-1] == "w"
+
+
+def _load_tf_folder(folder: Path) -> tuple[GPTModel, Tokenizer]:
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise GptlabError(
+            f"{folder}: reading OpenAI's TensorFlow checkpoint needs TensorFlow: pip install 'gptlab[tf]' "
+            "(or convert it once elsewhere with `gptlab export --format hf`)"
+        ) from None
+    hparams = _read_json(folder / "hparams.json")
+    try:
+        config = GPTConfig(
+            vocab_size=hparams["n_vocab"], context_length=hparams["n_ctx"], n_embd=hparams["n_embd"],
+            n_layer=hparams["n_layer"], n_head=hparams["n_head"],
+        )
+    except KeyError as e:
+        raise GptlabError(f"{folder / 'hparams.json'}: missing {e}") from None
+    checkpoint = tf.train.latest_checkpoint(str(folder)) or str(folder / "model.ckpt")
+    try:
+        reader = tf.train.load_checkpoint(checkpoint)
+    except Exception as e:  # TensorFlow raises its own error types for a missing or corrupt bundle
+        raise GptlabError(f"{folder}: cannot read the TensorFlow checkpoint ({type(e).__name__}: {e})") from None
+    state: State = {}
+    for name in reader.get_variable_to_shape_map():
+        key, conv1d = _tf_name(name)
+        tensor = torch.from_numpy(reader.get_tensor(name))
+        state[key] = tensor.squeeze(0).t().contiguous() if conv1d else tensor  # Conv1D: (1, in, out) -> (out, in)
+    return _assemble(config, state, folder), _gpt2_tokenizer(config, folder)
+
+
+# ---- the LLMs-from-scratch book's GPTModel ------------------------------------------------------
+
+BOOK_NAMES = {  # book name -> gptlab name, for everything but the split q/k/v projections
+    "tok_emb.weight": "wte.weight",
+    "pos_emb.weight": "wpe.weight",
+    "final_norm.scale": "ln_f.weight",
+    "final_norm.shift": "ln_f.bias",
+    "out_head.weight": "lm_head.weight",
+    "out_head.bias": "lm_head.bias",  # a classifier head (chapter 6) has a bias
+}
+BOOK_BLOCK_NAMES = {
+    "norm1.scale": "ln_1.weight",
+    "norm1.shift": "ln_1.bias",
+    "norm2.scale": "ln_2.weight",
+    "norm2.shift": "ln_2.bias",
+    "att.out_proj.weight": "attn.c_proj.weight",
+    "att.out_proj.bias": "attn.c_proj.bias",
+    "ff.layers.0.weight": "mlp.c_fc.weight",
+    "ff.layers.0.bias": "mlp.c_fc.bias",
+    "ff.layers.2.weight": "mlp.c_proj.weight",
+    "ff.layers.2.bias": "mlp.c_proj.bias",
+}
+# The book's model sizes (GPT_CONFIG_124M ... 1558M) all use GPT-2's 64-wide heads.
+GPT2_HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 20, 1600: 25}
+
+
+def _torch_load(path: Path) -> dict:
+    """``torch.load`` that never runs pickled code (no mmap: a map would keep read pages resident)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses arbitrary objects with UnpicklingError, among others
+        raise GptlabError(
+            f"{path}: not a plain state dict of tensors ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            "save one with torch.save(model.state_dict(), path)"
+        ) from None
+
+
+def _book_to_gptlab(state: State, path: Path) -> State:
+    out: State = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    unknown = []
+    while state:  # popping as we go frees each original once it has been mapped
+        key, tensor = state.popitem()
+        key = key.removeprefix("_orig_mod.")  # a torch.compile'd model's state dict
+        block = re.fullmatch(r"trf_blocks\.(\d+)\.(.+)", key)
+        if key in BOOK_NAMES:
+            out[BOOK_NAMES[key]] = tensor
+        elif block and block[2] in BOOK_BLOCK_NAMES:
+            out[f"h.{block[1]}.{BOOK_BLOCK_NAMES[block[2]]}"] = tensor
+        elif block and (proj := re.fullmatch(r"att\.W_(query|key|value)\.(weight|bias)", block[2])):
+            qkv.setdefault((int(block[1]), proj[2]), {})[proj[1]] = tensor
+        elif not (block and block[2] == "att.mask"):  # the causal mask buffer holds no weights
+            unknown.append(key)
+    if unknown:
+        raise GptlabError(
+            f"{path}: not a state dict of the book's GPTModel; unrecognised keys {unknown[:3]}"
+            f"{'...' if len(unknown) > 3 else ''}"
+        )
+    while qkv:
+        (layer, kind), parts = qkv.popitem()
+        if set(parts) != {"query", "key", "value"}:
+            raise GptlabError(f"{path}: block {layer} lacks some of W_query/W_key/W_value {kind}")
+        out[f"h.{layer}.attn.c_attn.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    return out
+
+
+def _book_config(state: State, path: Path, expect: GPTConfig | None) -> GPTConfig:
+    """Sizes from the tensors' shapes; the head count (which no shape shows) from a sidecar, ``expect``,
+    or GPT-2's convention for the book's four model widths."""
+    try:
+        vocab_size, n_embd = state["wte.weight"].shape
+        context_length = state["wpe.weight"].shape[0]
+    except KeyError as e:
+        raise GptlabError(f"{path}: not a state dict of the book's GPTModel (no {e})") from None
+    n_layer = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("h.")), default=-1)
+    found = dict(vocab_size=vocab_size, context_length=context_length, n_embd=n_embd, n_layer=n_layer,
+                 qkv_bias="h.0.attn.c_attn.bias" in state, tie_weights=False)
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():  # the book's GPT_CONFIG dict, json.dump'ed next to the weights
+        book = _read_json(sidecar)
+        names = {"vocab_size": "vocab_size", "context_length": "context_length", "n_embd": "emb_dim",
+                 "n_layer": "n_layers", "qkv_bias": "qkv_bias"}
+        differing = [f"{names[k]} {book[names[k]]!r} (weights: {v!r})"
+                     for k, v in found.items() if k in names and names[k] in book and book[names[k]] != v]
+        if differing:
+            raise GptlabError(f"{sidecar}: does not match the weights in {path.name}: {', '.join(differing)}")
+        if "n_heads" not in book:
+            raise GptlabError(f"{sidecar}: has no 'n_heads'")
+        return GPTConfig(**found, n_head=book["n_heads"], dropout=book.get("drop_rate", 0.0))
+    if expect is not None:
+        return GPTConfig(**found, n_head=expect.n_head)
+    if n_embd in GPT2_HEADS_BY_WIDTH:
+        log.info("%s: %d heads, GPT-2's number for width %d (a %s with 'n_heads' overrides it)",
+                 path, GPT2_HEADS_BY_WIDTH[n_embd], n_embd, sidecar.name)
+        return GPTConfig(**found, n_head=GPT2_HEADS_BY_WIDTH[n_embd])
+    raise GptlabError(
+        f"{path}: the number of attention heads is not stored in a state dict; write the model's config "
+        f"next to it: json.dump(GPT_CONFIG, open({str(sidecar)!r}, 'w'))"
+    )
+
+
+def _load_book_pth(path: Path, expect: GPTConfig | None) -> tuple[GPTModel, Tokenizer]:
+    state = _torch_load(path)
+    if isinstance(state, dict) and isinstance(state.get("model_state_dict"), dict):
+        state = state["model_state_dict"]  # the book's model_and_optimizer.pth
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise GptlabError(f"{path}: not a state dict (a dict of tensors)")
+    state = _book_to_gptlab(state, path)
+    config = _book_config(state, path, expect)
+    return _assemble(config, state, path), _gpt2_tokenizer(config, path)
+

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from gptlab.errors import GptlabError
+from gptlab.generate import generate
+from gptlab.model import PRESETS, GPTConfig, GPTModel, KVCache
+
+
+def tiny(**kw):
+    return GPTModel(GPTConfig.preset("tiny", vocab_size=97, **kw)).eval()
+
+
+def test_gpt2_small_has_hugging_face_parameter_count():
+    with torch.device("meta"):
+        model = GPTModel(GPTConfig.preset("gpt2-small"))
+    assert model.num_parameters() == 124_439_808
+
+
+def test_presets_and_overrides():
+    assert set(PRESETS) >= {"gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny", "demo"}
+    cfg = GPTConfig.preset("gpt2-medium", dropout=0.1)
+    assert (cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.dropout) == (1024, 24, 16, 0.1)
+    with pytest.raises(GptlabError, match="unknown preset 'gpt3'.*gpt2-small"):
+        GPTConfig.preset("gpt3")
+    with pytest.raises(GptlabError, match="divisible"):
+        GPTConfig.preset("tiny", n_head=3)
+    with pytest.raises(GptlabError, match="unknown config field"):
+        GPTConfig.preset("tiny", width=3)
+
+
+def test_forward_shapes_tied_head_and_bias_options():
+    model = tiny()
+    idx = torch.randint(0, 97, (3, 10))
+    logits = model(idx)
+    assert logits.shape == (3, 10, 97)
+    assert torch.allclose(model(idx, last_only=True)[:, 0], logits[:, -1], atol=1e-6)
+    assert model.lm_head.weight is model.wte.weight
+    untied = tiny(tie_weights=False, qkv_bias=False)
+    assert untied.lm_head.weight is not untied.wte.weight
+    assert untied.h[0].attn.c_attn.bias is None
+    assert untied.num_parameters() == model.num_parameters() + 97 * 32 - 2 * 3 * 32
+
+
+def test_attention_is_causal():
+    model = tiny()
+    idx = torch.randint(0, 97, (1, 12))
+    changed = idx.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 97
+    assert torch.allclose(model(idx)[0, :8], model(changed)[0, :8], atol=1e-6)
+    assert not torch.allclose(model(idx)[0, 8:], model(changed)[0, 8:])
+
+
+def test_kv_cache_prefill_in_chunks_matches_full_forward():
+    model = tiny()
+    idx = torch.randint(0, 97, (2, 20))
+    full = model(idx)
+    cache = KVCache(model.config, 2, model.config.context_length, "cpu", torch.float32)
+    parts = [model(idx[:, :7], cache), model(idx[:, 7:8], cache), model(idx[:, 8:20], cache)]
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("new_tokens", [10, 90])  # 90 grows well past the context of 64
+def test_cached_and_uncached_greedy_generation_are_identical(new_tokens):
+    model = tiny()
+    prompt = torch.randint(0, 97, (2, 5))
+    cached = generate(model, prompt, new_tokens, use_cache=True)
+    uncached = generate(model, prompt, new_tokens, use_cache=False)
+    assert cached.shape == (2, 5 + new_tokens)
+    assert torch.equal(cached, uncached)
+
+
+def test_too_long_input_is_a_clear_error():
+    with pytest.raises(GptlabError, match="exceeds the model's context length 64"):
+        tiny()(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_set_dropout_changes_every_rate():
+    model = tiny(dropout=0.1)
+    model.set_dropout(0.0)
+    assert model.config.dropout == 0.0
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert all(b.attn.dropout == 0.0 for b in model.h)
