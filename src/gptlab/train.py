@@ -214,20 +214,23 @@ class MetricsLog:
         writer.writerows(self.rows)
         atomic_write_text(self.path, buf.getvalue())
 
-    def plot(self, path: Path, title: str) -> None:
+    def plot(self, path: Path, title: str,
+             columns: tuple[tuple[str, str], ...] = (("train_loss", "train"), ("val_loss", "validation")),
+             x: str = "tokens_seen", ylabel: str = "loss") -> None:
+        """Plot metric ``columns`` (``(column, legend label)`` pairs) against column ``x``; empty cells are skipped."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        tokens = [int(r["tokens_seen"]) for r in self.rows]
+        xs = [float(r[x]) for r in self.rows]
         fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-        for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-            points = [(t, float(r[key])) for t, r in zip(tokens, self.rows) if r.get(key) not in (None, "")]
+        for key, label in columns:
+            points = [(t, float(r[key])) for t, r in zip(xs, self.rows) if r.get(key) not in (None, "")]
             if points:
                 ax.plot(*zip(*points), marker="o", markersize=3, label=label)
-        ax.set_xlabel("tokens seen")
-        ax.set_ylabel("loss")
+        ax.set_xlabel(x.replace("_", " "))
+        ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -1,0 +1,66 @@
+import subprocess
+import sys
+
+import pytest
+
+from gptlab.cli import main
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_prepare_pretrain_generate(tmp_path, capsys, verdict_path):
+    tokens = tmp_path / "verdict.tokens"
+    code, out, _ = run(["prepare", str(verdict_path), "--out", str(tokens)], capsys)
+    assert code == 0 and "5,145 tokens (uint16)" in out
+    run_dir = tmp_path / "run"
+    code, out, _ = run(["pretrain", "--data", str(tokens), "--preset", "tiny", "--out", str(run_dir), "--max-steps", "6",
+                        "--eval-interval", "3", "--quiet", "--sample-prompt", ""], capsys)
+    assert code == 0 and "done: step 6" in out
+    code, out, _ = run(["pretrain", "--data", str(tokens), "--preset", "tiny", "--out", str(run_dir), "--max-steps", "8",
+                        "--eval-interval", "3", "--quiet", "--resume"], capsys)
+    assert code == 0 and "done: step 8" in out
+    code, out, _ = run(["generate", "--model", str(run_dir), "--prompt", "Every effort moves you",
+                        "--max-new-tokens", "5", "--device", "cpu"], capsys)
+    assert code == 0 and out.startswith("Every effort moves you") and len(out) > len("Every effort moves you\n")
+
+
+@pytest.mark.parametrize("make_input,args,message", [
+    (lambda p: None, ["--preset", "tiny"], "no such file or folder"),
+    (lambda p: p.write_text(""), ["--preset", "tiny"], "no text to train on"),
+    (lambda p: p.write_bytes(b"ok\n\xff\xfe"), ["--preset", "tiny"], "not UTF-8 text (invalid byte 0xff at byte offset 3)"),
+    (lambda p: p.write_text("too short"), ["--preset", "tiny"], "is 2 tokens long; one training window needs"),
+    (lambda p: p.write_text("x " * 500), ["--preset", "tiny", "--batch-size", "0"], "batch-size must be positive"),
+    (lambda p: p.write_text("x " * 500), ["--preset", "tiny", "--stride", "-1"], "must be positive"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, make_input, args, message):
+    data = tmp_path / "in.txt"
+    make_input(data)
+    code, _, err = run(["pretrain", "--data", str(data), "--out", str(tmp_path / "run"), "--quiet", *args], capsys)
+    assert code == 2
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_unknown_preset_lists_valid_ones(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--data", "x", "--out", str(tmp_path), "--preset", "gpt5"])
+    assert exit_info.value.code == 2
+    assert "gpt2-small" in capsys.readouterr().err
+
+
+def test_missing_run_directory(tmp_path, capsys):
+    code, _, err = run(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"], capsys)
+    assert code == 2 and "cannot load" in err
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "gptlab.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("prepare", "pretrain", "generate"):
+        assert command in out
+    out = subprocess.run([sys.executable, "-m", "gptlab.cli", "pretrain", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "--resume" in out and "--grad-accum" in out
