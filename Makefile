@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # Re-install when the project's dependencies change.
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean browser-deps
 setup: $(STAMP)
 
 $(PY):
@@ -26,7 +26,15 @@ demo: setup
 	$(VENV)/bin/gptlab pretrain --data data/the-verdict.txt --preset demo --out runs/demo --overwrite
 	$(VENV)/bin/gptlab generate --model runs/demo --prompt "Every effort moves you" --max-new-tokens 50
 
-test: setup
+# The chat page's browser test drives Debian's chromium + chromium-driver (nothing downloads a browser):
+# installed here when missing, if we can (root with apt-get); otherwise that one test says it is skipped.
+browser-deps:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else echo "note: chromium/chromedriver missing and apt-get unavailable (or not root): the browser test will skip"; fi
+
+test: setup browser-deps
 	$(PY) -m pytest -q
 
 clean:

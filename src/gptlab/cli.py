@@ -186,7 +186,331 @@ def run_train_tokenizer(args) -> None:
           f"special {', '.join(tokenizer.special_tokens) or 'none'})")
 
 
-COMMANDS = [add_prepare, add_pretrain, add_generate, add_export, add_train_tokenizer]
+# ---- instruction fine-tuning, chat, respond, judge ----------------------------------------------
+
+def add_finetune_instruct(sub) -> None:
+    from gptlab.model import PRESETS
+    from gptlab.prompts import PROMPT_STYLES
+
+    p = sub.add_parser("finetune-instruct", help="fine-tune a model to follow instructions (Alpaca-style records)",
+                       description="Full fine-tuning on instruction/input/output records, laid out in a prompt "
+                                   "style. Writes a run directory (with the held-out test.json and val.json) that "
+                                   "chat and respond read; the prompt style is stored in its config.json.")
+    p.add_argument("--data", default=None, help="JSON list or JSONL of {instruction, input, output} records "
+                                                "(default: the shipped 1,100-record instruction-data.json)")
+    p.add_argument("--out", required=True, help="run directory to write")
+    start = p.add_mutually_exclusive_group(required=True)
+    start.add_argument("--init", help="model to start from: a run directory, gpt2, gpt2-medium, an HF folder, ...")
+    start.add_argument("--preset", choices=list(PRESETS), help="start from random weights of this size instead")
+    p.add_argument("--tokenizer", default=None, help="with --preset: 'gpt2' (default) or a saved tokenizer directory")
+    p.add_argument("--prompt-style", default="alpaca", choices=list(PROMPT_STYLES), help="prompt layout (default: %(default)s)")
+    p.add_argument("--mask-prompt", action="store_true", help="learn only the responses (no loss on the prompt's tokens)")
+    p.add_argument("--max-length", type=int, default=None, help="cut examples to this many tokens (default: the context length)")
+    p.add_argument("--dropout", type=float, default=None, help="override the model's dropout")
+    p.add_argument("--train-fraction", type=float, default=0.85, help="first part of the records for training (default: %(default)s)")
+    p.add_argument("--test-fraction", type=float, default=0.10, help="next part, written to OUT/test.json (default: %(default)s); "
+                                                                      "the rest validates")
+    p.add_argument("--split-seed", type=int, default=None, help="shuffle the records with this seed before splitting "
+                                                                "(default: file order, as in the book)")
+    add_train_arguments(p, TrainConfig(epochs=2, batch_size=8, lr=5e-5, eval_interval=20))
+    p.set_defaults(run=run_finetune_instruct)
+
+
+def run_finetune_instruct(args) -> int:
+    from gptlab.finetune.instruct import finetune_instruct
+    from gptlab.run import read_run_config
+
+    result = finetune_instruct(
+        args.data, args.out, init=args.init, preset=args.preset, tokenizer=args.tokenizer, prompt_style=args.prompt_style,
+        train_config=train_config_from_args(args), mask_prompt=args.mask_prompt, max_length=args.max_length,
+        dropout=args.dropout, train_fraction=args.train_fraction, test_fraction=args.test_fraction,
+        split_seed=args.split_seed, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+    )
+    before = read_run_config(args.out).get("initial_val_loss")
+    val = ""
+    if result.val_loss is not None:
+        val = f", val loss {before:.3f} -> {result.val_loss:.3f}" if before is not None else f", val loss {result.val_loss:.3f}"
+    print(f"{'stopped' if result.interrupted else 'done'}: step {result.step}, train loss {result.train_loss:.3f}{val}; "
+          f"run saved in {args.out}" + (" (continue with --resume)" if result.interrupted else
+                                        f"\nnext: gptlab respond --model {args.out} --output {args.out}/responses.json"))
+    return 130 if result.interrupted else 0
+
+
+def _load_instruct_model(args):
+    from gptlab.finetune.instruct import model_prompt_style
+    from gptlab.train import select_device
+    from gptlab.weights import load
+
+    model, tokenizer = load(args.model, device=select_device(args.device))
+    return model, tokenizer, model_prompt_style(args.model, args.prompt_style)
+
+
+def add_respond(sub) -> None:
+    from gptlab.prompts import PROMPT_STYLES
+
+    p = sub.add_parser("respond", help="answer every instruction of a file with a model, for `gptlab judge`",
+                       description="Write each record of --input with the model's answer added (key --key).")
+    p.add_argument("--model", required=True, help="fine-tuned run directory (or other model source)")
+    p.add_argument("--input", default=None, help="JSON/JSONL records (default: MODEL/test.json from finetune-instruct)")
+    p.add_argument("--output", required=True, help="JSON file to write")
+    p.add_argument("--key", default="model_response", help="key of the answer in each record (default: %(default)s)")
+    p.add_argument("--prompt-style", default=None, choices=list(PROMPT_STYLES),
+                   help="default: the style the model was fine-tuned with, else alpaca")
+    p.add_argument("--limit", type=int, default=None, help="answer only the first N records")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_sampling_arguments(p, max_new_tokens=256)
+    p.set_defaults(run=run_respond)
+
+
+def run_respond(args) -> None:
+    import json
+    from pathlib import Path
+
+    from gptlab.finetune.instruct import TEST_FILE, load_instruction_records, respond
+    from gptlab.run import atomic_write_text
+
+    source = args.input or Path(args.model) / TEST_FILE
+    if args.input is None and not Path(source).is_file():
+        raise GptlabError(f"no --input given and {source} does not exist; pass --input FILE")
+    records = load_instruction_records(source)[:args.limit]
+    model, tokenizer, style = _load_instruct_model(args)
+    answered = respond(model, tokenizer, style, records, key=args.key, progress=not args.quiet, **sampling_kwargs(args))
+    atomic_write_text(args.output, json.dumps(answered, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {args.output}: {len(answered)} records answered in the {style.name} style\n"
+          f"next: gptlab judge --input {args.output}   (or --offline for ROUGE-L and exact match only)")
+
+
+def add_chat(sub) -> None:
+    from gptlab.prompts import PROMPT_STYLES
+
+    p = sub.add_parser("chat", help="talk to an instruction-tuned model, streaming",
+                       description="Interactive multi-turn chat in the model's prompt style; old turns are dropped "
+                                   "when the conversation outgrows the context. /reset, /exit; Ctrl-C stops an answer.")
+    p.add_argument("--model", required=True, help="fine-tuned run directory (or other model source)")
+    p.add_argument("--prompt-style", default=None, choices=list(PROMPT_STYLES),
+                   help="default: the style the model was fine-tuned with, else alpaca")
+    p.add_argument("--system", default=None, help="system text that replaces the style's preamble")
+    add_sampling_arguments(p, max_new_tokens=256)
+    p.set_defaults(run=run_chat)
+
+
+def run_chat(args) -> None:
+    from gptlab.chat import chat
+
+    model, tokenizer, style = _load_instruct_model(args)
+    chat(model, tokenizer, style, system=args.system, **sampling_kwargs(args))
+
+
+def add_judge(sub) -> None:
+    import os
+
+    p = sub.add_parser("judge", help="score model answers 0-100 with an LLM judge, plus ROUGE-L and exact match",
+                       description="Score each record's answer (--key) against its reference 'output' with an LLM "
+                                   "over an OpenAI-compatible chat-completions API (Ollama, OpenAI, gptlab serve). "
+                                   "Scores are cached beside the output, so an interrupted run resumes.")
+    p.add_argument("--input", required=True, help="records with answers, from `gptlab respond`")
+    p.add_argument("--output", default=None, help="scored records (default: INPUT.judged.json; histogram .png beside it)")
+    p.add_argument("--key", default="model_response", help="key of the answer in each record (default: %(default)s)")
+    p.add_argument("--offline", action="store_true", help="no judge: ROUGE-L and exact match only")
+    p.add_argument("--base-url", default=os.environ.get("GPTLAB_JUDGE_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+                   or "http://localhost:11434/v1",
+                   help="chat-completions endpoint (env GPTLAB_JUDGE_BASE_URL or OPENAI_BASE_URL; default: %(default)s, Ollama)")
+    p.add_argument("--judge-model", default=os.environ.get("GPTLAB_JUDGE_MODEL") or "llama3",
+                   help="judge model name (env GPTLAB_JUDGE_MODEL; default: %(default)s)")
+    p.add_argument("--api-key", default=None, help="API key (better: env GPTLAB_JUDGE_API_KEY or OPENAI_API_KEY)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each reply (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=3, help="retries of a timed-out or failed request (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_judge)
+
+
+def run_judge(args) -> None:
+    import os
+
+    from gptlab.evaluate import JudgeClient, evaluate_responses
+
+    client = None
+    if not args.offline:
+        key = args.api_key or os.environ.get("GPTLAB_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        client = JudgeClient(args.base_url, args.judge_model, key, timeout=args.timeout, retries=args.retries)
+    s = evaluate_responses(args.input, args.output, args.key, client, progress=not args.quiet)
+    print(f"{s['n']} records: ROUGE-L {s['rouge_l']:.4f}, exact match {s['exact_match']:.2%}")
+    if client is not None:
+        mean = f"{s['judge_mean']:.2f}/100" if s["judge_mean"] is not None else "n/a"
+        print(f"judge {s['judge_model']} at {s['judge_url']}: mean score {mean} over {s['judged']} records"
+              + (f" ({s['unscored']} unscored; run again to retry them)" if s["unscored"] else ""))
+        print(s["text_histogram"])
+    print(f"wrote {s['output']}" + (f" and {s['plot']}" if s.get("plot") else ""))
+
+
+def add_serve(sub) -> None:
+    try:
+        from gptlab.serve import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, ServeLimits
+    except ImportError:  # without the serve extra the command still parses; run_serve says what to install
+        API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, ServeLimits = "GPTLAB_API_KEY", None, None, None
+    limits = ServeLimits() if ServeLimits is not None else argparse.Namespace(
+        max_tokens=None, default_max_tokens=None, max_request_bytes=None, max_n=None, max_queue=None, max_active=None)
+    p = sub.add_parser("serve", help="serve a model over HTTP: OpenAI-compatible API and a chat page",
+                       description="Serve SOURCE at http://HOST:PORT/ (a chat page) and /v1 (OpenAI's completions, "
+                                   "chat completions and models API, streaming; /v1/classify for a classifier run). "
+                                   "Needs the serve extra: pip install 'gptlab[serve]'.")
+    p.add_argument("--model", required=True, help="run directory (or other model source)")
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV} if set)")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the run directory's name)")
+    p.add_argument("--prompt-style", default=None, help="chat prompt style (default: the run's, else alpaca)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-tokens-limit", type=int, default=limits.max_tokens, help="most new tokens a request may ask for (default: %(default)s)")
+    g.add_argument("--default-max-tokens", type=int, default=limits.default_max_tokens, help="new tokens when a request does not say (default: %(default)s)")
+    g.add_argument("--max-request-bytes", type=int, default=limits.max_request_bytes, help="largest request body (default: %(default)s)")
+    g.add_argument("--max-n", type=int, default=limits.max_n, help="most choices per prompt (default: %(default)s)")
+    g.add_argument("--max-queue", type=int, default=limits.max_queue, help="requests that may wait; more get 503 (default: %(default)s)")
+    g.add_argument("--max-active", type=int, default=limits.max_active, help="generations interleaved at once (default: %(default)s)")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args) -> None:
+    import os
+
+    try:
+        from gptlab.serve import API_KEY_ENV, ServeLimits, serve
+    except ImportError as e:
+        raise GptlabError(f"serving needs FastAPI and uvicorn ({e}); pip install 'gptlab[serve]'") from None
+    limits = ServeLimits(max_tokens=args.max_tokens_limit, default_max_tokens=min(args.default_max_tokens, args.max_tokens_limit),
+                         max_request_bytes=args.max_request_bytes, max_n=args.max_n, max_queue=args.max_queue,
+                         max_active=args.max_active)
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+          limits=limits, device=args.device, name=args.model_name, prompt_style=args.prompt_style)
+
+
+# ---- classification fine-tuning and classify ----------------------------------------------------
+
+def add_finetune_classifier(sub) -> None:
+    from gptlab.finetune.classifier import DEFAULT_PRESET, PADDING, TRAINABLE_PARTS, stage_defaults
+    from gptlab.model import PRESETS
+
+    scratch, pretrained = stage_defaults(None), stage_defaults("gpt2")
+    p = sub.add_parser("finetune-classifier", help="fine-tune a GPT to label texts (spam or ham, ...)",
+                       description="Replace the output head with a NUM_CLASSES-wide one and train on a file of "
+                                   "labelled texts (CSV/TSV/JSONL, or the SMS Spam Collection's label<TAB>text). "
+                                   "Writes a run directory with metrics.csv, loss.png, accuracy.png, "
+                                   "evaluation.json and confusion_matrix.png that `gptlab classify` reads.")
+    p.add_argument("--data", required=True, help="labelled texts, e.g. data/SMSSpamCollection")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--init", default=None, help="start from this model (gpt2, a run directory, an HF folder, ...) "
+                                               "instead of random weights")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
+                   help="model size when starting from random weights (default: %(default)s)")
+    p.add_argument("--text-column", default="text", help="column name or 0-based position of the text (default: %(default)s)")
+    p.add_argument("--label-column", default="label", help="column name or 0-based position of the label (default: %(default)s)")
+    p.add_argument("--header", default="auto", choices=["auto", "yes", "no"],
+                   help="whether the first row names the columns; auto: yes if it names a column or the file is "
+                        ".csv/.tsv (default: %(default)s)")
+    p.add_argument("--balance", action="store_true", help="down-sample every label to the rarest one's count (the book)")
+    p.add_argument("--split", type=float, nargs=3, default=[0.7, 0.1, 0.2], metavar=("TRAIN", "VAL", "TEST"),
+                   help="stratified split fractions (default: 0.7 0.1 0.2)")
+    p.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens "
+                                                              "(default: the longest training text, up to the context length)")
+    p.add_argument("--padding", default="batch", choices=PADDING,
+                   help="pad to the batch's longest text, the split's longest (the book) or --max-length "
+                        "(default: %(default)s; the prediction is the same either way)")
+    p.add_argument("--trainable", default="auto", choices=["auto", *TRAINABLE_PARTS],
+                   help="parameters to train; auto: last-block (+ final norm + head) with --init, all from scratch")
+    p.add_argument("--context-length", type=int, default=None, help="override the preset's context length")
+    p.add_argument("--dropout", type=float, default=None, help="override the model's dropout")
+    add_train_arguments(p, TrainConfig(epochs=scratch["epochs"], batch_size=scratch["batch_size"], lr=scratch["lr"]))
+    p.set_defaults(run=run_finetune_classifier, epochs=None, lr=None, batch_size=None, eval_interval=None)
+    for action in p._actions:  # the defaults depend on --init: say both
+        if action.dest in scratch:
+            action.help = (f"{action.help.split(' (default')[0]} (default: {scratch[action.dest]} from scratch, "
+                           f"{pretrained[action.dest]} with --init)")
+        elif action.dest == "eval_interval":
+            action.help = "steps between evaluations and checkpoints (default: once per epoch)"
+
+
+def run_finetune_classifier(args) -> int:
+    from gptlab.finetune.classifier import finetune_classifier, stage_defaults
+
+    per_epoch = args.eval_interval is None
+    for name, value in stage_defaults(args.init).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if per_epoch:
+        args.eval_interval = 1  # replaced by the number of steps in an epoch once the data is read
+    result = finetune_classifier(
+        args.data, args.out, init=args.init, preset=args.preset, train_config=train_config_from_args(args),
+        text_column=args.text_column, label_column=args.label_column, header=args.header, balance=args.balance,
+        split=args.split, max_length=args.max_length, padding=args.padding, trainable=args.trainable,
+        context_length=args.context_length, dropout=args.dropout, eval_each_epoch=per_epoch, resume=args.resume,
+        overwrite=args.overwrite, progress=not args.quiet,
+    )
+    if result.train.interrupted:
+        print(f"stopped at step {result.train.step}; run saved in {args.out} (continue with --resume)")
+        return 130
+    for name in ("train", "val", "test"):
+        if name in result.reports:
+            r = result.reports[name]
+            print(f"{name:>5} accuracy {r.accuracy:.2%} ({r.total} examples)")
+    if "test" in result.reports:
+        print(f"test set:\n{result.reports['test'].format()}")
+    if result.left_out:
+        lo = result.left_out
+        line = f"left out by balancing: {lo['n']} examples, accuracy {lo['accuracy']:.2%}"
+        if "false_positive_rate" in lo:
+            line += f", false-positive rate {lo['false_positive_rate']:.2%} (predicted {lo['positive']!r})"
+        print(line)
+    print(f"run saved in {args.out} (evaluation.json, confusion_matrix.png, accuracy.png); "
+          f"next: gptlab classify --model {args.out} \"some text\"")
+    return 0
+
+
+def add_classify(sub) -> None:
+    p = sub.add_parser("classify", help="label texts with a trained classifier",
+                       description="Print the predicted label and its probability for each TEXT, or classify "
+                                   "every text of --input (a .txt file with one text per line, or CSV/TSV/JSONL "
+                                   "with a text column) into --output. When --input has a label column too, "
+                                   "accuracy, per-class precision/recall/F1 and the confusion matrix are printed.")
+    p.add_argument("--model", required=True, help="run directory written by finetune-classifier")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="text(s) to classify")
+    p.add_argument("--input", default=None, help="file of texts to classify")
+    p.add_argument("--output", default=None, help="file to write (.jsonl, .csv, else tab-separated; default: stdout)")
+    p.add_argument("--text-column", default="text", help="--input's text column, name or 0-based position (default: %(default)s)")
+    p.add_argument("--label-column", default="label", help="--input's label column, if any (default: %(default)s)")
+    p.add_argument("--header", default="auto", choices=["auto", "yes", "no"], help="whether --input's first row names the columns")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    p.set_defaults(run=run_classify)
+
+
+def run_classify(args) -> None:
+    from gptlab.finetune.classifier import Classifier, classify_file
+    from gptlab.train import select_device
+
+    if bool(args.texts) == bool(args.input):
+        raise GptlabError("give either TEXT arguments or --input FILE (one of them)")
+    if args.output and not args.input:
+        raise GptlabError("--output needs --input")
+    if args.batch_size <= 0:
+        raise GptlabError(f"batch-size must be positive, got {args.batch_size}")
+    classifier = Classifier.load(args.model, device=select_device(args.device))
+    if args.texts:
+        for text, pred in zip(args.texts, classifier.predict(args.texts, args.batch_size)):
+            print(f"{pred.label}\t{pred.probability:.4f}" + (f"\t{text}" if len(args.texts) > 1 else ""))
+        return
+    report = classify_file(classifier, args.input, args.output, text_column=args.text_column,
+                           label_column=args.label_column, header=args.header, batch_size=args.batch_size)
+    if args.output:
+        print(f"wrote {args.output}")
+    if report is not None:
+        print(report.format(), file=sys.stderr if not args.output else sys.stdout)
+
+
+COMMANDS = [add_prepare, add_pretrain, add_generate, add_export, add_train_tokenizer,
+            add_finetune_instruct, add_respond, add_chat, add_judge, add_serve,
+            add_finetune_classifier, add_classify]
 
 
 def build_parser() -> argparse.ArgumentParser:

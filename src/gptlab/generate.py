@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -75,23 +76,26 @@ def stream(
     ctx = model.config.context_length
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     finished = torch.zeros(ids.size(0), dtype=torch.bool, device=device)
+    B, T = ids.shape
+    # One buffer for prompt + new tokens, written in place: no copy of the whole sequence per step.
+    buffer = torch.empty(B, T + max_new_tokens, dtype=ids.dtype, device=device)
+    buffer[:, :T] = ids
     cache = None
-    if use_cache:
-        cache = KVCache(model.config, ids.size(0), ctx, device, model.wte.weight.dtype)
+    if use_cache:  # sized to what this call can reach, not the whole context
+        cache = KVCache(model.config, B, min(ctx, T + max_new_tokens), device, model.wte.weight.dtype)
     was_training = model.training
     model.eval()
     try:
-        for _ in range(max_new_tokens):
-            if cache is not None and ids.size(1) <= ctx:
-                step_input = ids[:, -ctx:] if cache.pos == 0 else ids[:, cache.pos :]
-                logits = model(step_input, cache=cache, last_only=True)
+        for n in range(T, T + max_new_tokens):  # n: tokens so far
+            if cache is not None and n <= ctx:
+                logits = model(buffer[:, cache.pos : n], cache=cache, last_only=True)
             else:
-                logits = model(ids[:, -ctx:], last_only=True)
+                logits = model(buffer[:, max(0, n - ctx) : n], last_only=True)
             next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
             if eos_id is not None:
                 next_id = next_id.masked_fill(finished, eos_id)
                 finished |= next_id == eos_id
-            ids = torch.cat([ids, next_id.unsqueeze(1)], dim=1)
+            buffer[:, n] = next_id
             yield next_id
             if eos_id is not None and bool(finished.all()):
                 break
@@ -132,6 +136,15 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, context_length: int, reserv
     return ids
 
 
+@dataclass
+class TextStats:
+    """What ``stream_text`` did, filled in as it goes: token counts and why it stopped."""
+
+    prompt_tokens: int = 0  # after cropping to the context
+    completion_tokens: int = 0  # every sampled token, an end-of-text included
+    finish_reason: str = "length"  # "stop": end-of-text or a stop string; "length": max_new_tokens reached
+
+
 def stream_text(
     model: GPTModel,
     tokenizer: Tokenizer,
@@ -144,26 +157,33 @@ def stream_text(
     stop: Sequence[str] = (),
     stop_at_eot: bool = True,
     use_cache: bool = True,
+    stats: TextStats | None = None,
 ) -> Iterator[str]:
     """Yield pieces of the continuation of ``prompt`` as soon as they are final.
 
     Text is held back while it could still be the start of a stop string or of a multi-byte character,
     so a caller printing the pieces never shows a stop string or a broken character.
+    ``stats``, when given, receives the token counts and the finish reason (a server reports them).
     """
     stop = [s for s in stop if s]
     ids = encode_prompt(tokenizer, prompt, model.config.context_length)
+    stats = stats if stats is not None else TextStats()
+    stats.prompt_tokens, stats.completion_tokens, stats.finish_reason = len(ids), 0, "length"
     eos = tokenizer.eot_id if stop_at_eot else None
     new_ids: list[int] = []
     emitted = 0
     holdback = max((len(s) for s in stop), default=1) - 1
     for token in stream(model, torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, eos, use_cache, seed):
         token_id = int(token[0])
+        stats.completion_tokens += 1
         if eos is not None and token_id == eos:
+            stats.finish_reason = "stop"
             break
         new_ids.append(token_id)
         text = tokenizer.decode(new_ids)
         cut = min((i for i in (text.find(s, max(0, emitted - len(s))) for s in stop) if i >= 0), default=-1)
         if cut >= 0:
+            stats.finish_reason = "stop"
             if cut > emitted:
                 yield text[emitted:cut]
             return

@@ -76,8 +76,9 @@ class KVCache:
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> None:
         hs = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # empty, not zeros: only positions < pos are ever read, and zeroing costs a full write of the cache
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.pos = 0  # number of positions already filled
         self.max_len = max_len
 

@@ -196,6 +196,7 @@ def finetune_instruct(
     out: str | Path,
     init: str | None = None,
     preset: str | None = None,
+    tokenizer: str | None = None,
     prompt_style: str = DEFAULT_STYLE,
     train_config: TrainConfig | None = None,
     mask_prompt: bool = False,
@@ -209,6 +210,8 @@ def finetune_instruct(
     progress: bool = True,
 ) -> TrainResult:
     """Fine-tune ``init`` (a run directory, gpt2-medium, ...) or a fresh ``preset`` on instruction records.
+
+    ``tokenizer`` ("gpt2" or a saved tokenizer directory) is for a fresh preset; ``init`` brings its own.
 
     Writes the run directory ``out`` (weights, metrics, loss plot, resumable state) plus the held-out
     ``test.json`` and ``val.json``, and stores the prompt style in config.json for ``chat``/``respond``.
@@ -224,9 +227,11 @@ def finetune_instruct(
     out = prepare_out_dir(out, resume, overwrite)
     previous_meta = read_run_config(out) if resume and (out / CONFIG_FILE).is_file() else {}
 
-    model, tokenizer = build_model(preset or "demo", init, None, {"dropout": dropout})
+    if init is not None and tokenizer is not None:
+        raise GptlabError(f"--tokenizer is for a fresh --preset; the model {init} keeps its own tokenizer")
+    model, tokenizer = build_model(preset or "demo", init, tokenizer, {"dropout": dropout})
     if tokenizer.eot_id is None:
-        raise GptlabError(f"the tokenizer of {init} has no end-of-text token to pad and stop with")
+        raise GptlabError(f"the tokenizer {tokenizer.name!r} has no end-of-text token to pad and stop with")
     context = model.config.context_length
     if max_length is not None and not 1 < max_length <= context:
         raise GptlabError(f"--max-length must be between 2 and the model's context length {context}, got {max_length}")
@@ -277,10 +282,10 @@ def model_prompt_style(source: str | Path, override: str | None = None) -> Promp
 
 
 def respond_one(model: GPTModel, tokenizer: Tokenizer, style: PromptStyle, record: dict,
-                max_new_tokens: int = 256, **sampling) -> str:
-    """The model's answer to one record: generated after the style's prompt, cut at a new turn."""
+                max_new_tokens: int = 256, stop: Sequence[str] = (), **sampling) -> str:
+    """The model's answer to one record: generated after the style's prompt, cut at a new turn (or ``stop``)."""
     prompt = style.prompt(record["instruction"], record.get("input") or "")
-    text = generate_text(model, tokenizer, prompt, max_new_tokens, stop=style.stop, **sampling)
+    text = generate_text(model, tokenizer, prompt, max_new_tokens, stop=(*style.stop, *stop), **sampling)
     return style.extract_response(text)
 
 
