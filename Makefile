@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # Re-install when the project's dependencies change.
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup demo test clean browser-deps
+.PHONY: setup demo test clean browser-deps classifier bench
 setup: $(STAMP)
 
 $(PY):
@@ -26,6 +26,11 @@ demo: setup
 	$(VENV)/bin/gptlab pretrain --data data/the-verdict.txt --preset demo --out runs/demo --overwrite
 	$(VENV)/bin/gptlab generate --model runs/demo --prompt "Every effort moves you" --max-new-tokens 50
 
+# The README's measured spam classifier: from random weights, balanced SMS Spam Collection, a few minutes on CPU.
+classifier: setup
+	$(VENV)/bin/gptlab finetune-classifier --data data/SMSSpamCollection --balance --out runs/spam --overwrite
+	$(VENV)/bin/gptlab classify --model runs/spam "WINNER!! Claim your free prize now, call 09061701461" "See you at lunch?"
+
 # The chat page's browser test drives Debian's chromium + chromium-driver (nothing downloads a browser):
 # installed here when missing, if we can (root with apt-get); otherwise that one test says it is skipped.
 browser-deps:
@@ -33,6 +38,11 @@ browser-deps:
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
 	else echo "note: chromium/chromedriver missing and apt-get unavailable (or not root): the browser test will skip"; fi
+
+# Speed against Hugging Face transformers and llms-from-scratch (see BENCHMARKS.md); BENCH_ARGS=--quick for minutes.
+bench: setup
+	$(PY) -m pip install -q -r benchmarks/requirements.txt --no-deps
+	$(PY) benchmarks/bench_speed.py $(BENCH_ARGS)
 
 test: setup browser-deps
 	$(PY) -m pytest -q

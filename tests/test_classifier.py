@@ -25,6 +25,15 @@ WORDS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: a second OpenMP thread only adds synchronisation, and on a busy machine it made these tests 5x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def synthetic_rows(n_per_class: int = 40, seed: int = 0, classes=("ham", "spam", "work")) -> list[tuple[str, str]]:
     """Texts whose words give the label away, of varied lengths (so batches are padded)."""
     rng = random.Random(seed)
@@ -102,6 +111,13 @@ def test_balanced_stratified_split_is_seeded_and_complete():
     assert split_examples(ids, ["ham", "spam"], balance=True, seed=124).test != s.test
     unbalanced = split_examples(ids, ["ham", "spam"], split=(0.8, 0.0, 0.2))
     assert not unbalanced.val and not unbalanced.left_out and len(unbalanced.test) == 965 + 149
+
+
+def test_reads_quoted_csv_with_bom_and_multiline_text(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('\ufeffid,text,label\n1,"hello, world",a\n2,"two\nlines ""quoted""",b\n', encoding="utf-8")
+    table = read_labeled_file(path)
+    assert table.texts == ["hello, world", 'two\nlines "quoted"'] and table.labels == ["a", "b"] and table.lines == [2, 3]
 
 
 def test_reads_jsonl_and_headerless_positions(tmp_path):

@@ -172,8 +172,9 @@ class Job:
         return next(self._events, None)
 
     def close(self) -> None:
-        if self._events is not None:
-            self._events.close()  # GeneratorExit inside stream_text ends the generation and its cache
+        close = getattr(self._events, "close", None)  # a generator; a plain iterator has nothing to release
+        if close is not None:
+            close()  # GeneratorExit inside stream_text ends the generation and frees its cache
 
     def emit(self, event: tuple) -> None:
         try:

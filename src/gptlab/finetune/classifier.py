@@ -44,7 +44,6 @@ from gptlab.train import MetricsLog, TrainConfig, TrainResult, select_device, to
 log = logging.getLogger("gptlab")
 
 STAGE = "classifier"
-TRAINABLE = ("head", "last-block", "all")
 PADDING = ("batch", "longest", "max-length")
 DEFAULT_SPLIT = (0.7, 0.1, 0.2)
 # From random weights the smallest preset is enough (97% on the balanced SMS test split, README) and trains
@@ -142,7 +141,6 @@ def _json_records(raw: str, path: Path) -> list[tuple[int, dict]]:
 
 
 def _from_records(records, path, text_column, label_column, require_labels):
-    keys = list(records[0][1])
     with_labels = require_labels or any(label_column in item for _, item in records)
     for n, item in records:
         for column, role, needed in ((text_column, "text", True), (label_column, "label", with_labels)):
@@ -151,7 +149,6 @@ def _from_records(records, path, text_column, label_column, require_labels):
                                   f"pass --{role}-column NAME")
     texts = [_as_text(item[text_column]) for _, item in records]
     labels = [_as_text(item[label_column]) for _, item in records] if with_labels else None
-    log.debug("%s: keys %s", path, keys)
     return texts, labels, [n for n, _ in records]
 
 
@@ -161,14 +158,19 @@ def _as_text(value) -> str:
 
 def _from_table(raw, path, text_column, label_column, header, require_labels):
     suffix = path.suffix.lower()
-    first_line = raw.lstrip("\ufeff").splitlines()[0]
+    raw = raw.lstrip("\ufeff")
+    first_line = next(line for line in raw.splitlines() if line.strip())
     delimiter = TABLE_SUFFIXES.get(suffix) or ("\t" if "\t" in first_line else ",")
     other = "," if delimiter == "\t" else "\t"
     # Tab-separated data (the SMS Spam Collection) has quotes inside texts: read them literally.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader(raw.lstrip("\ufeff").splitlines(), delimiter=delimiter, quoting=quoting, strict=True)
+    reader = csv.reader(io.StringIO(raw, newline=""), delimiter=delimiter, quoting=quoting, strict=True)
+    rows, previous = [], 0
     try:
-        rows = [(reader.line_num, row) for row in reader if row]
+        for row in reader:  # a quoted text may span lines: number a row by its first
+            if row:
+                rows.append((previous + 1, row))
+            previous = reader.line_num
     except csv.Error as e:
         raise GptlabError(f"{path} line {reader.line_num}: {e}") from None
     first = rows[0][1]
@@ -216,6 +218,8 @@ def _column_index(ref, columns, has_header, path, role, delimiter, other) -> int
     hint = ""
     if len(columns) == 1 and other in columns[0]:
         hint = f"; the file looks {_delimiter_name(other)}-separated, not {_delimiter_name(delimiter)}-separated"
+    if has_header:
+        hint += "; if the first row is data, not column names, pass --header no"
     raise GptlabError(f"{path}: no {role} column {ref!r} (columns found: {found}){hint}; pass --{role}-column NAME "
                       "or a 0-based position")
 
@@ -557,7 +561,7 @@ def finetune_classifier(
     ``eval_each_epoch``: evaluate (and checkpoint) once per epoch instead of every ``eval_interval`` steps.
     On ``resume`` the data settings stored in the run are used, so the split is the same.
     """
-    train_config = train_config or TrainConfig(epochs=5, batch_size=8, lr=5e-5)
+    train_config = train_config or TrainConfig(**stage_defaults(init))
     settings = dict(data=str(data), text_column=text_column, label_column=label_column, header=header,
                     balance=balance, split=list(split), split_seed=train_config.seed, max_length=max_length,
                     padding=padding, trainable=_resolve_trainable(trainable, init), init=init,
