@@ -330,10 +330,12 @@ def run(args) -> None:
 
     # Warm-up: first calls allocate, pick kernels, compile; none of it is timed.
     for name, p in peers.items():
-        for _ in range(2):
-            p.train_step(x, y)
-        p.generate(prompts[1], 4, True)
-        p.generate(prompts[1], 2, False)
+        if "train" in args.tasks:
+            for _ in range(2):
+                p.train_step(x, y)
+        if "gen" in args.tasks or "ttft" in args.tasks:
+            p.generate(prompts[1], 4, True)
+            p.generate(prompts[1], 2, False)
 
     gen_cases = [(b, c) for b in (1, args.gen_batch) for c in (True, False)
                  if c or b == 1 or not args.skip_nocache_batch]
@@ -345,9 +347,11 @@ def run(args) -> None:
         results["bw"].append(read_bandwidth(device, args.bw_mb))
         for name in order:
             p = peers[name]
-            results[("train", name)].append(args.batch * args.seq / timed(lambda: p.train_step(x, y), device))
-            results[("ttft", name)].append(timed(lambda: p.first_token(prompts[1]), device))
-            for b, cached in gen_cases:
+            if "train" in args.tasks:
+                results[("train", name)].append(args.batch * args.seq / timed(lambda: p.train_step(x, y), device))
+            if "ttft" in args.tasks:
+                results[("ttft", name)].append(timed(lambda: p.first_token(prompts[1]), device))
+            for b, cached in gen_cases if "gen" in args.tasks else ():
                 n = args.gen_tokens if cached else args.nocache_tokens
                 out = []
                 seconds = timed(lambda: out.append(p.generate(prompts[b], n, cached)), device)
@@ -356,7 +360,8 @@ def run(args) -> None:
             gc.collect()
         print("#   peak %.1f GFLOP/s, bw %.1f GB/s, train tok/s %s" % (
             results["peak"][-1] / 1e9, results["bw"][-1] / 1e9,
-            " ".join(f"{n}={results[('train', n)][-1]:.1f}" for n in order)), file=sys.stderr)
+            " ".join(f"{n}={results[('train', n)][-1]:.1f}" for n in order if ('train', n) in results)),
+            file=sys.stderr)
 
     rss = {}
     if not args.skip_rss:
@@ -390,9 +395,10 @@ def print_table(args, results, rss, device) -> None:
         rows.append([label, *cells, *ratios])
 
     flops = model_flops_per_token(args.seq)
-    train = {p: med[("train", p)] for p in peers}
-    row(f"train step, tokens/s (batch {args.batch} x {args.seq})", train)
-    row("train MFU vs measured peak matmul", {p: train[p] * flops / peak for p in peers}, "{:.0%}")
+    if "train" in args.tasks:
+        train = {p: med[("train", p)] for p in peers}
+        row(f"train step, tokens/s (batch {args.batch} x {args.seq})", train)
+        row("train MFU vs measured peak matmul", {p: train[p] * flops / peak for p in peers}, "{:.0%}")
     for b in (1, args.gen_batch):
         for cached in (True, False):
             key = ("gen", b, cached)
@@ -404,8 +410,9 @@ def print_table(args, results, rss, device) -> None:
             if b == 1 and cached:
                 row("  batch 1 cached vs bandwidth limit",
                     {p: med[("gen", p, 1, True)] / limit_b1 for p in peers}, "{:.0%}")
-    row(f"time to first token, ms ({args.prompt}-token prompt)", {p: med[("ttft", p)] * 1e3 for p in peers},
-        "{:.0f}", higher_better=False)
+    if "ttft" in args.tasks:
+        row(f"time to first token, ms ({args.prompt}-token prompt)", {p: med[("ttft", p)] * 1e3 for p in peers},
+            "{:.0f}", higher_better=False)
     if ("gen", "gptlab", args.gen_batch, True) in med:
         rows.append([f"gptlab batch {args.gen_batch} / batch 1 throughput (cached)",
                      f"{med[('gen', 'gptlab', args.gen_batch, True)] / med[('gen', 'gptlab', 1, True)]:.2f}x"]
@@ -447,6 +454,8 @@ def main() -> None:
     ap.add_argument("--nocache-tokens", type=int, default=200, help="new tokens without a cache")
     ap.add_argument("--gen-batch", type=int, default=8)
     ap.add_argument("--skip-nocache-batch", action="store_true", help="no uncached generation at --gen-batch")
+    ap.add_argument("--tasks", nargs="+", choices=["train", "gen", "ttft"], default=["train", "gen", "ttft"],
+                    help="timed tasks (peak memory is separate: --skip-rss)")
     ap.add_argument("--skip-rss", action="store_true", help="no peak-memory subprocesses")
     ap.add_argument("--matmul-n", type=int, default=2048)
     ap.add_argument("--bw-mb", type=int, default=512)

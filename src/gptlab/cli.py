@@ -344,44 +344,45 @@ def run_judge(args) -> None:
 
 
 def add_serve(sub) -> None:
-    try:
-        from gptlab.serve import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, ServeLimits
-    except ImportError:  # without the serve extra the command still parses; run_serve says what to install
-        API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, ServeLimits = "GPTLAB_API_KEY", None, None, None
-    limits = ServeLimits() if ServeLimits is not None else argparse.Namespace(
-        max_tokens=None, default_max_tokens=None, max_request_bytes=None, max_n=None, max_queue=None, max_active=None)
+    # Unset limits take gptlab.serve.ServeLimits' defaults in run_serve: importing it here would load
+    # FastAPI for every gptlab command.
     p = sub.add_parser("serve", help="serve a model over HTTP: OpenAI-compatible API and a chat page",
                        description="Serve SOURCE at http://HOST:PORT/ (a chat page) and /v1 (OpenAI's completions, "
                                    "chat completions and models API, streaming; /v1/classify for a classifier run). "
                                    "Needs the serve extra: pip install 'gptlab[serve]'.")
     p.add_argument("--model", required=True, help="run directory (or other model source)")
-    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s, this machine only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     p.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV} if set)")
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $GPTLAB_API_KEY if set)")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the run directory's name)")
     p.add_argument("--prompt-style", default=None, help="chat prompt style (default: the run's, else alpaca)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    g = p.add_argument_group("limits")
-    g.add_argument("--max-tokens-limit", type=int, default=limits.max_tokens, help="most new tokens a request may ask for (default: %(default)s)")
-    g.add_argument("--default-max-tokens", type=int, default=limits.default_max_tokens, help="new tokens when a request does not say (default: %(default)s)")
-    g.add_argument("--max-request-bytes", type=int, default=limits.max_request_bytes, help="largest request body (default: %(default)s)")
-    g.add_argument("--max-n", type=int, default=limits.max_n, help="most choices per prompt (default: %(default)s)")
-    g.add_argument("--max-queue", type=int, default=limits.max_queue, help="requests that may wait; more get 503 (default: %(default)s)")
-    g.add_argument("--max-active", type=int, default=limits.max_active, help="generations interleaved at once (default: %(default)s)")
+    g = p.add_argument_group("limits (defaults: 1024, 256, 1000000, 4, 64, 8)")
+    g.add_argument("--max-tokens-limit", type=int, help="most new tokens a request may ask for")
+    g.add_argument("--default-max-tokens", type=int, help="new tokens when a request does not say")
+    g.add_argument("--max-request-bytes", type=int, help="largest request body")
+    g.add_argument("--max-n", type=int, help="most choices per prompt")
+    g.add_argument("--max-queue", type=int, help="requests that may wait; more get 503")
+    g.add_argument("--max-active", type=int, help="generations interleaved at once")
     p.set_defaults(run=run_serve)
 
 
 def run_serve(args) -> None:
+    import dataclasses
     import os
 
     try:
         from gptlab.serve import API_KEY_ENV, ServeLimits, serve
     except ImportError as e:
         raise GptlabError(f"serving needs FastAPI and uvicorn ({e}); pip install 'gptlab[serve]'") from None
-    limits = ServeLimits(max_tokens=args.max_tokens_limit, default_max_tokens=min(args.default_max_tokens, args.max_tokens_limit),
-                         max_request_bytes=args.max_request_bytes, max_n=args.max_n, max_queue=args.max_queue,
-                         max_active=args.max_active)
+    given = dict(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
+                 max_request_bytes=args.max_request_bytes, max_n=args.max_n, max_queue=args.max_queue,
+                 max_active=args.max_active)
+    limits = ServeLimits()
+    if args.max_tokens_limit is not None and args.default_max_tokens is None:  # keep the default under the limit
+        given["default_max_tokens"] = min(limits.default_max_tokens, args.max_tokens_limit)
+    limits = dataclasses.replace(limits, **{k: v for k, v in given.items() if v is not None})
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
           limits=limits, device=args.device, name=args.model_name, prompt_style=args.prompt_style)
 
