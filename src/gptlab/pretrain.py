@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from gptlab.data import TokenWindowDataset, load_tokens, split_tokens
 from gptlab.errors import GptlabError
 from gptlab.generate import generate_text
@@ -66,6 +68,7 @@ def pretrain(
     """Pretrain a GPT on ``data`` and write the run directory ``out``; see ``gptlab pretrain --help``."""
     train_config = train_config or TrainConfig()
     out = prepare_out_dir(out, resume, overwrite)
+    torch.manual_seed(train_config.seed)  # the initial weights, too, follow --seed
     model, tok = build_model(preset, init, tokenizer, {"context_length": context_length, "dropout": dropout})
     max_length = model.config.context_length
     tokens = load_tokens(data, tok)

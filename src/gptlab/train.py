@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import io
 import logging
 import math
@@ -97,6 +98,23 @@ def select_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GptlabError("device 'cuda' requested but no CUDA GPU is available")
     return device
+
+
+def keep_freed_memory_mapped() -> None:
+    """Stop glibc from returning large freed blocks to the OS between steps (Linux, CPU training).
+
+    Activations, logits and gradients are allocated and freed every step. glibc serves blocks above
+    32 MB with mmap and unmaps them on free, so the next step page-faults and zeroes them again:
+    measured here, that was 35-65% of a small model's training step. Serving them from the heap, and
+    never trimming it, keeps the pages mapped. Elsewhere (macOS, musl, Windows) this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        libc.mallopt(m_mmap_max, 0)
+        libc.mallopt(m_trim_threshold, 2**31 - 1)
+    except (OSError, AttributeError):
+        pass
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -261,6 +279,8 @@ def train(
     """
     out_dir = Path(out_dir)
     device = select_device(config.device)
+    if device.type == "cpu":
+        keep_freed_memory_mapped()
     amp_dtype = resolve_precision(config.precision, device)
     model.to(device).train()
     torch.manual_seed(config.seed)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from gptlab.data import read_text
 from gptlab.errors import GptlabError
 from gptlab.evaluate import ClassificationReport, classification_report, plot_confusion_matrix
 from gptlab.model import GPTModel
@@ -86,16 +87,9 @@ def read_labeled_file(
     Collection's layout). Tab-separated files are read without quote handling, so a quote in a text is text.
     """
     path = Path(path)
-    if not path.is_file():
-        raise GptlabError(f"{path}: no such file")
     if header not in ("auto", "yes", "no"):
         raise GptlabError(f"header must be auto, yes or no; got {header!r}")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise GptlabError(f"{path}: not UTF-8 text (byte offset {e.start}); convert it, e.g. `iconv -f latin1 -t utf-8`") from None
-    if not raw.strip():
-        raise GptlabError(f"{path}: file is empty")
+    raw = read_text(path)
     if path.suffix.lower() in JSON_SUFFIXES:
         records = _json_records(raw, path)
         texts, labels, lines = _from_records(records, path, text_column, label_column, require_labels)

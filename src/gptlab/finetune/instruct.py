@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from gptlab.data import read_text
 from gptlab.errors import GptlabError
 from gptlab.generate import generate_text
 from gptlab.model import GPTModel
@@ -52,14 +53,7 @@ def load_instruction_records(path: str | Path) -> list[dict]:
     Every record keeps all its keys (so ``respond`` can add one); ``input`` defaults to "".
     """
     path = Path(path)
-    if not path.is_file():
-        raise GptlabError(f"{path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise GptlabError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected JSON records") from None
-    if not text.strip():
-        raise GptlabError(f"{path}: the file is empty; expected a JSON list of records or JSONL")
+    text = read_text(path)
     lines: list[int | None]
     if text.lstrip().startswith("["):
         try:
