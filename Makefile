@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml | $(PY)
 # Pretrain the `demo` preset on the-verdict.txt until it has memorised it (train loss < 1), then sample.
 demo: setup
 	$(VENV)/bin/gptlab pretrain --data data/the-verdict.txt --preset demo --out runs/demo --overwrite \
-		--batch-size 4 --lr 2e-3 --warmup-steps 10 --max-steps 300 --eval-interval 50
+		--batch-size 2 --lr 1e-3 --warmup-steps 10 --max-steps 500 --eval-interval 250
 	$(VENV)/bin/gptlab generate --model runs/demo --prompt "Every effort moves you" --max-new-tokens 50
 
 # The README's measured spam classifier: from random weights, balanced SMS Spam Collection, a few minutes on CPU.

@@ -32,6 +32,8 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults: TrainConfig) -> No
     g.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW decay of weight matrices (default: %(default)s)")
     g.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help="clip gradient norm; 0 disables (default: %(default)s)")
     g.add_argument("--eval-interval", type=int, default=defaults.eval_interval, help="steps between evaluations and checkpoints (default: %(default)s)")
+    g.add_argument("--log-interval", type=int, default=defaults.log_interval,
+                   help="steps between train-loss rows in metrics.csv (default: %(default)s; none: at evaluations)")
     g.add_argument("--eval-batches", type=int, default=defaults.eval_batches, help="validation batches per evaluation (default: all)")
     g.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: %(default)s)")
     g.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
@@ -101,7 +103,7 @@ def add_pretrain(sub) -> None:
     p.add_argument("--stride", type=int, default=None, help="tokens between training windows (default: context length)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of tokens for validation (default: %(default)s)")
     p.add_argument("--sample-prompt", default="Every effort moves you", help="prompt sampled at each evaluation ('' for none)")
-    add_train_arguments(p, TrainConfig(epochs=10, batch_size=8, lr=4e-4, eval_interval=20))
+    add_train_arguments(p, TrainConfig(epochs=10, batch_size=8, lr=4e-4, eval_interval=20, log_interval=10))
     p.set_defaults(run=run_pretrain)
 
 

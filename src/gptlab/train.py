@@ -51,6 +51,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = 1.0
     eval_interval: int = 50  # optimizer steps between evaluations (and checkpoints)
+    log_interval: int | None = None  # steps between train-loss rows in metrics.csv; None: at evaluations only
     eval_batches: int | None = None  # None: the whole validation set
     seed: int = 123
     shuffle: bool = True
@@ -59,8 +60,8 @@ class TrainConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "eval_interval"):
-            if getattr(self, name) <= 0:
+        for name in ("batch_size", "grad_accum", "eval_interval", "log_interval"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise GptlabError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.max_steps is None and (self.epochs is None or self.epochs <= 0):
             raise GptlabError("give a positive number of epochs or max-steps")
@@ -309,11 +310,17 @@ def train(
     meta = {**(meta or {}), "train": {**asdict(config), "total_steps": total_steps}}
     last_val: float | None = None
 
-    def evaluate_and_checkpoint() -> None:
-        nonlocal last_val
+    def train_row() -> dict:
+        """The mean training loss since the last row, which it then resets."""
         row = {"step": state["step"], "epoch": f"{state['micro_step'] / batches_per_epoch:.3f}",
                "tokens_seen": state["tokens_seen"], "lr": f"{lr_at(max(state['step'] - 1, 0), total_steps, config):.3e}",
                "train_loss": f"{state['loss_sum'] / max(state['loss_count'], 1):.4f}"}
+        state["loss_sum"], state["loss_count"] = 0.0, 0
+        return row
+
+    def evaluate_and_checkpoint() -> None:
+        nonlocal last_val
+        row = train_row()
         if val_loader is not None:
             last_val = evaluate_loss(forward_model, val_loader, loss_fn, device, amp_dtype, config.eval_batches)
             row.update(val_loss=f"{last_val:.4f}", val_ppl=f"{math.exp(min(last_val, 50)):.2f}")
@@ -322,7 +329,6 @@ def train(
             row.update({k: f"{v:.4f}" for k, v in eval_fn(model).items()})
             model.train()
         metrics.append(row)
-        state["loss_sum"], state["loss_count"] = 0.0, 0
         extras = " ".join(f"{k} {v}" for k, v in row.items() if k not in ("epoch", "lr", "step", "tokens_seen"))
         tqdm.write(f"step {row['step']:>6} | tokens {row['tokens_seen']:>9} | {extras}")
         if sample_fn is not None:
@@ -366,6 +372,8 @@ def train(
                 done = state["step"] >= total_steps
                 if done or state["step"] % config.eval_interval == 0:
                     evaluate_and_checkpoint()
+                elif config.log_interval and state["step"] % config.log_interval == 0:
+                    metrics.append(train_row())
                 if stop.requested and not done:
                     if state["step"] % config.eval_interval:
                         _checkpoint(out_dir, model, tokenizer, optimizer, scaler, state, meta, metrics)
