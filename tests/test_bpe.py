@@ -269,3 +269,12 @@ def test_cli_reports_errors_on_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "below 256 bytes" in err
     assert not (tmp_path / "t").exists()
+
+
+def test_whitespace_only_corpus_is_empty(tmp_path):
+    from gptlab.bpe import train_bpe_files
+
+    corpus = tmp_path / "blank.txt"
+    corpus.write_text("\n \n\t\n")
+    with pytest.raises(GptlabError, match="empty \\(or only whitespace\\)"):
+        train_bpe_files([corpus], vocab_size=300)

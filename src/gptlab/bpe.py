@@ -446,8 +446,8 @@ def train_bpe_files(
     counts: Counter[str] = Counter()
     for path in paths:
         counts.update(count_pretokens(read_text_chunks(path, progress=progress), special_tokens))
-    if not counts:
-        raise GptlabError(f"corpus {', '.join(map(str, paths))} is empty: nothing to learn merges from")
+    if not any(word.strip() for word in counts):  # whitespace alone has nothing to merge worth learning
+        raise GptlabError(f"corpus {', '.join(map(str, paths))} is empty (or only whitespace): nothing to learn merges from")
     return train_bpe_from_counts(counts, vocab_size, special_tokens=special_tokens, progress=progress, backend=backend)
 
 
@@ -478,8 +478,8 @@ def train_bpe_from_counts(
     from tqdm import tqdm
 
     _check_size(vocab_size, special_tokens)
-    if not counts:
-        raise GptlabError("the corpus is empty: nothing to learn merges from")
+    if not any(word.strip() for word in counts):
+        raise GptlabError("the corpus is empty (or only whitespace): nothing to learn merges from")
     for special in special_tokens:
         if len(special.encode("utf-8")) == 1:
             raise GptlabError(f"special token {special!r} collides with the byte token {special.encode()!r}; choose a longer text")
