@@ -358,10 +358,12 @@ def run(args) -> None:
                 assert out[0].shape == (b, args.prompt + n), (name, out[0].shape)
                 results[("gen", name, b, cached)].append(b * n / seconds)
             gc.collect()
-        print("#   peak %.1f GFLOP/s, bw %.1f GB/s, train tok/s %s" % (
+        limit = results["bw"][-1] / weight_bytes_per_token(4 if args.precision == "fp32" else 2)
+        print("#   peak %.1f GFLOP/s, bw %.1f GB/s, train tok/s %s, batch-1 decode tok/s %s (limit %.1f)" % (
             results["peak"][-1] / 1e9, results["bw"][-1] / 1e9,
-            " ".join(f"{n}={results[('train', n)][-1]:.1f}" for n in order if ('train', n) in results)),
-            file=sys.stderr)
+            " ".join(f"{n}={results[('train', n)][-1]:.1f}" for n in order if ('train', n) in results),
+            " ".join(f"{n}={results[('gen', n, 1, True)][-1]:.1f}" for n in order if ('gen', n, 1, True) in results),
+            limit), file=sys.stderr)
 
     rss = {}
     if not args.skip_rss:

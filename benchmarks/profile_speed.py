@@ -3,20 +3,27 @@
     python benchmarks/profile_speed.py                       # GPT-2 124M shape, CPU, float32
     python benchmarks/profile_speed.py --what train --steps 3 --batch 4 --seq 256
     python benchmarks/profile_speed.py --what decode --trace decode.json   # open in chrome://tracing
+    python benchmarks/profile_speed.py --what floor          # decoding against the memory floor
 
 Prints the operators that took the most time (self time, summed over calls), and groups them into
 matrix multiplies, attention, loss, optimizer and the rest, which is what BENCHMARKS.md discusses.
+``floor`` times, per decoded token and interleaved over rounds: reading every weight matrix once
+(``.sum()``, the memory floor), the weight matmuls alone through ``RowBlockLinear`` and through plain
+``F.linear``, and the whole cached decoding step, at batch 1 and batch 8.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from gptlab.generate import generate
-from gptlab.model import GPTConfig, GPTModel
+from gptlab.model import GPTConfig, GPTModel, KVCache, RowBlockLinear
 from gptlab.train import TrainConfig, lm_loss, make_optimizer
 
 # Operator-name fragments -> the group they are reported under (first match wins).
@@ -55,9 +62,54 @@ def summarise(prof, title: str, top: int) -> None:
         print(f"| `{e.key}` | {e.count} | {e.self_cpu_time_total / total:.1%} |")
 
 
+def decode_floor(model: GPTModel, rounds: int) -> None:
+    """Per-token time of a cached decoding step against the time to read its weights once."""
+    linears = [m for m in model.modules() if isinstance(m, RowBlockLinear)]
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    V = model.config.vocab_size
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    def matmuls(rows: int, fast: bool) -> float:
+        inputs = [torch.zeros(rows, m.in_features) for m in linears]
+        if fast:
+            return timed(lambda: [m(x) for m, x in zip(linears, inputs)])
+        return timed(lambda: [F.linear(x, m.weight, m.bias) for m, x in zip(linears, inputs)])
+
+    def decode(rows: int, steps: int = 8) -> float:
+        cache = KVCache(model.config, rows, 16 + steps, "cpu", torch.float32)
+        model(torch.randint(0, V, (rows, 16)), cache, last_only=True)  # the prompt: not timed
+        new = torch.randint(0, V, (rows, 1))
+        return timed(lambda: [model(new, cache, last_only=True) for _ in range(steps)]) / steps
+
+    cases = {"read every weight matrix once (`.sum()`)": (lambda: timed(lambda: [m.weight.sum() for m in linears]), 1)}
+    for rows in (1, 8):
+        cases[f"weight matmuls only, `RowBlockLinear`, {rows} row(s)"] = (lambda r=rows: matmuls(r, True), rows)
+        cases[f"weight matmuls only, `F.linear`, {rows} row(s)"] = (lambda r=rows: matmuls(r, False), rows)
+        cases[f"whole cached decoding step, batch {rows}"] = (lambda r=rows: decode(r), rows)
+    times: dict[str, list[float]] = defaultdict(list)
+    with torch.no_grad():
+        for fn, _ in cases.values():
+            fn()  # warm-up
+        for _ in range(rounds):
+            for name, (fn, _) in cases.items():
+                times[name].append(fn())
+    floor = statistics.median(times["read every weight matrix once (`.sum()`)"])
+    print(f"\n## decoding against the memory floor: {weight_bytes / 1e6:.0f} MB of weight matrices, "
+          f"median of {rounds} interleaved rounds\n")
+    print("| per decoding step | ms | weights read at | tokens/s | floor / this |\n|---|---:|---:|---:|---:|")
+    for name, (_, rows) in cases.items():
+        t = statistics.median(times[name])
+        print(f"| {name} | {t * 1e3:.1f} | {weight_bytes / t / 1e9:.1f} GB/s | {rows / t:.1f} | {floor / t:.0%} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--what", choices=["train", "decode", "both"], default="both")
+    ap.add_argument("--what", choices=["train", "decode", "floor", "all"], default="all")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds for --what floor")
     ap.add_argument("--preset", default="gpt2-small")
     ap.add_argument("--steps", type=int, default=2, help="profiled training steps (after one warm-up step)")
     ap.add_argument("--batch", type=int, default=4)
@@ -70,7 +122,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPTModel(GPTConfig.preset(args.preset))
     V = model.config.vocab_size
-    if args.what in ("train", "both"):
+    if args.what in ("train", "all"):
         optimizer = make_optimizer(model, TrainConfig(), torch.device("cpu"))
         tokens = torch.randint(0, V, (args.batch, args.seq + 1))
 
@@ -85,13 +137,15 @@ def main() -> None:
             for _ in range(args.steps):
                 step()
         summarise(prof, f"training, {args.steps} steps of {args.batch} x {args.seq} tokens", args.top)
-    if args.what in ("decode", "both"):
+    if args.what in ("decode", "all"):
         ids = torch.randint(0, V, (1, 16))
         generate(model, ids, 4)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             generate(model, ids, args.tokens)
         summarise(prof, f"cached decoding, batch 1, {args.tokens} new tokens", args.top)
-    if args.trace:
+    if args.what in ("floor", "all"):
+        decode_floor(model.eval(), args.rounds)
+    if args.trace and args.what != "floor":
         prof.export_chrome_trace(args.trace)
         print(f"\ntrace written to {args.trace}")
 

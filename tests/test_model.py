@@ -1,9 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
 from gptlab.generate import generate
-from gptlab.model import PRESETS, GPTConfig, GPTModel, KVCache
+from gptlab.model import PRESETS, GPTConfig, GPTModel, KVCache, RowBlockLinear, _row_blocks
 
 
 def tiny(**kw):
@@ -80,3 +81,32 @@ def test_set_dropout_changes_every_rate():
     assert model.config.dropout == 0.0
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     assert all(b.attn.dropout == 0.0 for b in model.h)
+
+
+def test_row_blocks_give_every_thread_work_and_fall_back_when_none_divide():
+    assert [_row_blocks(768, t) for t in (1, 2, 8, 16)] == [2, 4, 16, 32]
+    assert _row_blocks(50257, 2) == 29  # 29 x 1733: the GPT-2 head splits unevenly across 2 threads but splits
+    assert _row_blocks(50257, 64) == 1 and _row_blocks(97, 2) == 1  # prime or no divisor in range: F.linear
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 64, 65])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("out_features", [96, 97])
+def test_row_block_linear_equals_f_linear(rows, bias, out_features, monkeypatch):
+    torch.manual_seed(0)
+    layer = RowBlockLinear(48, out_features, bias=bias)
+    x = torch.randn(rows, 1, 48)
+    batched = []
+    for name in ("bmm", "baddbmm"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, **k: batched.append(1) or _real(*a, **k))
+    with torch.no_grad():
+        fast = layer(x)
+    # the blocked path runs exactly when there are few rows and the width splits into equal blocks
+    assert bool(batched) == (rows <= 64 and out_features == 96)
+    ref = F.linear(x, layer.weight, layer.bias)
+    assert fast.shape == (rows, 1, out_features) and fast.is_contiguous()
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+    batched.clear()
+    layer(x).sum().backward()  # with gradients: plain F.linear, trainable as nn.Linear
+    assert not batched and layer.weight.grad is not None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
 
 import torch
 import torch.nn as nn
@@ -91,12 +92,48 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+@lru_cache(maxsize=None)
+def _row_blocks(out_features: int, threads: int) -> int:
+    """How many equal row blocks to cut a weight into: two per thread balance best, one per thread will do."""
+    divisors = [n for n in range(max(2, threads), 4 * threads + 64) if out_features % n == 0]
+    return next((n for n in divisors if n >= 2 * threads), divisors[0] if divisors else 1)  # 1: no split
+
+
+class RowBlockLinear(nn.Linear):
+    """``nn.Linear`` with a faster path for the few rows of a decoding step on the CPU.
+
+    Decoding multiplies 1-64 rows by every weight matrix, so its time is reading the weights. MKL runs
+    ``x @ W.T`` with that few rows on one core, and with a slow kernel for 2-16 rows: on the AMD EPYC
+    here a batch-1 step's matmuls read the weights at half the rate of summing them. Cut into row blocks
+    and multiplied as one batched matmul, the read is spread over every thread (76% of that rate:
+    ``benchmarks/profile_speed.py --what floor``). Training, ``torch.compile``, autocast and other
+    devices take ``F.linear`` unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows, n_out = x.numel() // x.size(-1), self.out_features
+        if (torch.is_grad_enabled() or torch.compiler.is_compiling() or not 1 <= rows <= 64
+                or x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
+                or not self.weight.is_contiguous() or torch.is_autocast_enabled("cpu")):
+            return F.linear(x, self.weight, self.bias)
+        blocks = _row_blocks(n_out, torch.get_num_threads())
+        if blocks == 1:
+            return F.linear(x, self.weight, self.bias)
+        w = self.weight.view(blocks, n_out // blocks, -1).transpose(1, 2)  # (nb, K, N/nb)
+        xb = x.reshape(rows, -1).expand(blocks, -1, -1)  # (nb, rows, K)
+        if self.bias is None:
+            y = torch.bmm(xb, w)  # (nb, rows, N/nb)
+        else:
+            y = torch.baddbmm(self.bias.view(blocks, 1, -1), xb, w)  # (nb, rows, N/nb)
+        return y.transpose(0, 1).reshape(*x.shape[:-1], n_out)  # (..., N)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
         self.n_head, self.layer = config.n_head, layer
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)  # fused q, k, v
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = RowBlockLinear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)  # fused q, k, v
+        self.c_proj = RowBlockLinear(config.n_embd, config.n_embd)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -126,8 +163,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = RowBlockLinear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = RowBlockLinear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +196,7 @@ class GPTModel(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = RowBlockLinear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight  # one matrix for reading and writing tokens
         self.apply(self._init_weights)
