@@ -89,17 +89,23 @@ def test_row_blocks_give_every_thread_work_and_fall_back_when_none_divide():
     assert _row_blocks(50257, 64) == 1 and _row_blocks(97, 2) == 1  # prime or no divisor in range: F.linear
 
 
+def count_batched_matmuls(monkeypatch) -> list:
+    calls = []
+    for name in ("bmm", "baddbmm"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, **k: calls.append(name) or _real(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8, 64, 65])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("out_features", [96, 97])
 def test_row_block_linear_equals_f_linear(rows, bias, out_features, monkeypatch):
     torch.manual_seed(0)
+    monkeypatch.setattr(RowBlockLinear, "min_weight_numel", 0)  # test-sized weights take the blocked path
     layer = RowBlockLinear(48, out_features, bias=bias)
     x = torch.randn(rows, 1, 48)
-    batched = []
-    for name in ("bmm", "baddbmm"):
-        real = getattr(torch, name)
-        monkeypatch.setattr(torch, name, lambda *a, _real=real, **k: batched.append(1) or _real(*a, **k))
+    batched = count_batched_matmuls(monkeypatch)
     with torch.no_grad():
         fast = layer(x)
     # the blocked path runs exactly when there are few rows and the width splits into equal blocks
@@ -110,3 +116,24 @@ def test_row_block_linear_equals_f_linear(rows, bias, out_features, monkeypatch)
     batched.clear()
     layer(x).sum().backward()  # with gradients: plain F.linear, trainable as nn.Linear
     assert not batched and layer.weight.grad is not None
+
+
+def test_small_weights_keep_f_linear(monkeypatch):
+    layer = RowBlockLinear(48, 96)
+    batched = count_batched_matmuls(monkeypatch)
+    with torch.no_grad():
+        layer(torch.randn(1, 48))
+    assert layer.weight.numel() < RowBlockLinear.min_weight_numel and not batched
+
+
+def test_blocked_decoding_matches_the_full_forward(monkeypatch):
+    monkeypatch.setattr(RowBlockLinear, "min_weight_numel", 0)
+    model = GPTModel(GPTConfig.preset("tiny", vocab_size=96)).eval()  # every width splits into blocks
+    idx = torch.randint(0, 96, (3, 20), generator=torch.Generator().manual_seed(0))
+    batched = count_batched_matmuls(monkeypatch)
+    with torch.no_grad():
+        full = model(idx)  # 60 rows: blocked too
+        cache = KVCache(model.config, 3, 20, "cpu", torch.float32)
+        steps = [model(idx[:, :4], cache)] + [model(idx[:, t:t + 1], cache) for t in range(4, 20)]
+    assert len(batched) == 18 * (4 * model.config.n_layer + 1)  # every projection and the head, in all 18 calls
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)

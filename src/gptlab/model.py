@@ -107,18 +107,17 @@ class RowBlockLinear(nn.Linear):
     here a batch-1 step's matmuls read the weights at half the rate of summing them. Cut into row blocks
     and multiplied as one batched matmul, the read is spread over every thread (76% of that rate:
     ``benchmarks/profile_speed.py --what floor``). Training, ``torch.compile``, autocast and other
-    devices take ``F.linear`` unchanged.
+    devices take ``F.linear`` unchanged, and so do weights under 2 MB: for those, cache-resident after
+    the first step, the blocks' fixed cost (~30 us a call) outweighs the second thread.
     """
 
+    min_weight_numel = 1 << 19  # float32 elements below which F.linear is faster here
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows, n_out = x.numel() // x.size(-1), self.out_features
-        if (torch.is_grad_enabled() or torch.compiler.is_compiling() or not 1 <= rows <= 64
-                or x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
-                or not self.weight.is_contiguous() or torch.is_autocast_enabled("cpu")):
-            return F.linear(x, self.weight, self.bias)
-        blocks = _row_blocks(n_out, torch.get_num_threads())
+        blocks = self._blocks_for(x)
         if blocks == 1:
             return F.linear(x, self.weight, self.bias)
+        rows, n_out = x.numel() // x.size(-1), self.out_features
         w = self.weight.view(blocks, n_out // blocks, -1).transpose(1, 2)  # (nb, K, N/nb)
         xb = x.reshape(rows, -1).expand(blocks, -1, -1)  # (nb, rows, K)
         if self.bias is None:
@@ -126,6 +125,14 @@ class RowBlockLinear(nn.Linear):
         else:
             y = torch.baddbmm(self.bias.view(blocks, 1, -1), xb, w)  # (nb, rows, N/nb)
         return y.transpose(0, 1).reshape(*x.shape[:-1], n_out)  # (..., N)
+
+    def _blocks_for(self, x: torch.Tensor) -> int:
+        if (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+                or x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
+                or not self.weight.is_contiguous() or self.weight.numel() < self.min_weight_numel
+                or not 1 <= x.numel() // x.size(-1) <= 64):
+            return 1  # training, compiling, autocast, other devices and dtypes, many rows: plain F.linear
+        return _row_blocks(self.out_features, torch.get_num_threads())
 
 
 class CausalSelfAttention(nn.Module):
