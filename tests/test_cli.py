@@ -57,6 +57,17 @@ def test_missing_run_directory(tmp_path, capsys):
     assert code == 2 and "cannot load" in err
 
 
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["chat"], ["respond", "--output", "out.json"]])
+@pytest.mark.parametrize("bad,message", [(["--temperature", "-1"], "temperature must be >= 0"),
+                                         (["--top-p", "1.5"], "top-p must be in (0, 1]"),
+                                         (["--top-k", "0"], "top-k must be positive")])
+def test_bad_sampling_fails_before_loading_or_printing(tmp_path, capsys, command, bad, message):
+    # the model does not exist: the sampling error must come first, and nothing goes to stdout
+    code, out, err = run([command[0], "--model", str(tmp_path / "nope"), *command[1:], *bad], capsys)
+    assert code == 2 and out == ""
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "gptlab.cli", "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("prepare", "pretrain", "generate"):

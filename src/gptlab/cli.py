@@ -63,6 +63,10 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 100
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The sampling settings, checked: call it before loading a model, so a bad value fails at once."""
+    from gptlab.generate import check_sampling
+
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, seed=args.seed, stop=args.stop, use_cache=not args.no_cache)
 
@@ -136,10 +140,11 @@ def run_generate(args) -> None:
     from gptlab.train import select_device
     from gptlab.weights import load
 
+    sampling = sampling_kwargs(args)
     model, tokenizer = load(args.model, device=select_device(args.device))
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    for piece in stream_text(model, tokenizer, args.prompt, **sampling_kwargs(args)):
+    for piece in stream_text(model, tokenizer, args.prompt, **sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -271,12 +276,13 @@ def run_respond(args) -> None:
     from gptlab.finetune.instruct import TEST_FILE, load_instruction_records, respond
     from gptlab.run import atomic_write_text
 
+    sampling = sampling_kwargs(args)
     source = args.input or Path(args.model) / TEST_FILE
     if args.input is None and not Path(source).is_file():
         raise GptlabError(f"no --input given and {source} does not exist; pass --input FILE")
     records = load_instruction_records(source)[:args.limit]
     model, tokenizer, style = _load_instruct_model(args)
-    answered = respond(model, tokenizer, style, records, key=args.key, progress=not args.quiet, **sampling_kwargs(args))
+    answered = respond(model, tokenizer, style, records, key=args.key, progress=not args.quiet, **sampling)
     atomic_write_text(args.output, json.dumps(answered, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {args.output}: {len(answered)} records answered in the {style.name} style\n"
           f"next: gptlab judge --input {args.output}   (or --offline for ROUGE-L and exact match only)")
@@ -299,8 +305,9 @@ def add_chat(sub) -> None:
 def run_chat(args) -> None:
     from gptlab.chat import chat
 
+    sampling = sampling_kwargs(args)
     model, tokenizer, style = _load_instruct_model(args)
-    chat(model, tokenizer, style, system=args.system, **sampling_kwargs(args))
+    chat(model, tokenizer, style, system=args.system, **sampling)
 
 
 def add_judge(sub) -> None:

@@ -41,7 +41,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
+    """Raise a GptlabError naming the first sampling setting that is out of range."""
     if temperature < 0:
         raise GptlabError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k <= 0:
@@ -68,7 +69,7 @@ def stream(
 
     A sequence that has finished keeps receiving ``eos_id`` while the others go on.
     """
-    _check_sampling(temperature, top_k, top_p, max_new_tokens)
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
     device = next(model.parameters()).device
