@@ -4,12 +4,14 @@
     python benchmarks/profile_speed.py --what train --steps 3 --batch 4 --seq 256
     python benchmarks/profile_speed.py --what decode --trace decode.json   # open in chrome://tracing
     python benchmarks/profile_speed.py --what floor          # decoding against the memory floor
+    python benchmarks/profile_speed.py --what kernels        # torch's BLAS (MKL) against oneDNN
 
 Prints the operators that took the most time (self time, summed over calls), and groups them into
 matrix multiplies, attention, loss, optimizer and the rest, which is what BENCHMARKS.md discusses.
 ``floor`` times, per decoded token and interleaved over rounds: reading every weight matrix once
-(``.sum()``, the memory floor), the weight matmuls alone through ``RowBlockLinear`` and through plain
-``F.linear``, and the whole cached decoding step, at batch 1 and batch 8.
+(``.sum()``, the memory floor), the weight matmuls alone through ``InferenceLinear`` and through plain
+``F.linear``, and the whole cached decoding step, at batch 1 and batch 8 (packed, as ``generate`` does).
+``kernels`` times a large float32 matmul through torch's default BLAS and through oneDNN.
 """
 from __future__ import annotations
 
@@ -17,13 +19,14 @@ import argparse
 import statistics
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from gptlab.generate import generate
-from gptlab.model import GPTConfig, GPTModel, KVCache, RowBlockLinear
+from gptlab.model import GPTConfig, GPTModel, InferenceLinear, KVCache, packed_weights
 from gptlab.train import TrainConfig, lm_loss, make_optimizer
 
 # Operator-name fragments -> the group they are reported under (first match wins).
@@ -64,7 +67,7 @@ def summarise(prof, title: str, top: int) -> None:
 
 def decode_floor(model: GPTModel, rounds: int) -> None:
     """Per-token time of a cached decoding step against the time to read its weights once."""
-    linears = [m for m in model.modules() if isinstance(m, RowBlockLinear)]
+    linears = [m for m in model.modules() if isinstance(m, InferenceLinear)]
     weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     V = model.config.vocab_size
 
@@ -73,23 +76,28 @@ def decode_floor(model: GPTModel, rounds: int) -> None:
         fn()
         return time.perf_counter() - start
 
-    def matmuls(rows: int, fast: bool) -> float:
+    def matmuls(rows: int, how: str) -> float:
         inputs = [torch.zeros(rows, m.in_features) for m in linears]
-        if fast:
+        if how == "F.linear":
+            return timed(lambda: [F.linear(x, m.weight, m.bias) for m, x in zip(linears, inputs)])
+        with packed_weights(model, rows) if how == "packed" else nullcontext():
             return timed(lambda: [m(x) for m, x in zip(linears, inputs)])
-        return timed(lambda: [F.linear(x, m.weight, m.bias) for m, x in zip(linears, inputs)])
 
     def decode(rows: int, steps: int = 8) -> float:
         cache = KVCache(model.config, rows, 16 + steps, "cpu", torch.float32)
-        model(torch.randint(0, V, (rows, 16)), cache, last_only=True)  # the prompt: not timed
-        new = torch.randint(0, V, (rows, 1))
-        return timed(lambda: [model(new, cache, last_only=True) for _ in range(steps)]) / steps
+        with packed_weights(model, rows) if rows > 1 else nullcontext():  # as generate() does
+            model(torch.randint(0, V, (rows, 16)), cache, last_only=True)  # the prompt: not timed
+            new = torch.randint(0, V, (rows, 1))
+            return timed(lambda: [model(new, cache, last_only=True) for _ in range(steps)]) / steps
 
     cases = {"read every weight matrix once (`.sum()`)": (lambda: timed(lambda: [m.weight.sum() for m in linears]), 1)}
-    for rows in (1, 8):
-        cases[f"weight matmuls only, `RowBlockLinear`, {rows} row(s)"] = (lambda r=rows: matmuls(r, True), rows)
-        cases[f"weight matmuls only, `F.linear`, {rows} row(s)"] = (lambda r=rows: matmuls(r, False), rows)
-        cases[f"whole cached decoding step, batch {rows}"] = (lambda r=rows: decode(r), rows)
+    cases["weight matmuls only, `InferenceLinear` (row blocks), 1 row"] = (lambda: matmuls(1, "plain"), 1)
+    cases["weight matmuls only, `F.linear` (MKL), 1 row"] = (lambda: matmuls(1, "F.linear"), 1)
+    cases["whole cached decoding step, batch 1"] = (lambda: decode(1), 1)
+    cases["weight matmuls only, `InferenceLinear` (oneDNN, packed), 8 rows"] = (lambda: matmuls(8, "packed"), 8)
+    cases["weight matmuls only, `InferenceLinear` (oneDNN, plain), 8 rows"] = (lambda: matmuls(8, "plain"), 8)
+    cases["weight matmuls only, `F.linear` (MKL), 8 rows"] = (lambda: matmuls(8, "F.linear"), 8)
+    cases["whole cached decoding step, batch 8 (packed)"] = (lambda: decode(8), 8)
     times: dict[str, list[float]] = defaultdict(list)
     with torch.no_grad():
         for fn, _ in cases.values():
@@ -106,10 +114,32 @@ def decode_floor(model: GPTModel, rounds: int) -> None:
         print(f"| {name} | {t * 1e3:.1f} | {weight_bytes / t / 1e9:.1f} GB/s | {rows / t:.1f} | {floor / t:.0%} |")
 
 
+def matmul_kernels(rounds: int, n: int = 2048) -> None:
+    """The float32 matmul rate of torch's default BLAS (MKL here) against oneDNN, also inside torch."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    kernels = {"`a @ b` (torch's BLAS: MKL)": lambda: a @ b}
+    if torch.backends.mkldnn.is_available():
+        kernels["oneDNN (`torch.ops.mkldnn._linear_pointwise`)"] = (
+            lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    times: dict[str, list[float]] = defaultdict(list)
+    for fn in kernels.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in kernels.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    print(f"\n## float32 matmul, {n} x {n} x {n}, {torch.backends.cpu.get_cpu_capability()}, "
+          f"{torch.get_num_threads()} threads, median of {rounds}\n")
+    print("| kernel | GFLOP/s |\n|---|---:|")
+    for name, ts in times.items():
+        print(f"| {name} | {2 * n**3 / statistics.median(ts) / 1e9:.0f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--what", choices=["train", "decode", "floor", "all"], default="all")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds for --what floor")
+    ap.add_argument("--what", choices=["train", "decode", "floor", "kernels", "all"], default="all")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds for --what floor and kernels")
     ap.add_argument("--preset", default="gpt2-small")
     ap.add_argument("--steps", type=int, default=2, help="profiled training steps (after one warm-up step)")
     ap.add_argument("--batch", type=int, default=4)
@@ -145,7 +175,9 @@ def main() -> None:
         summarise(prof, f"cached decoding, batch 1, {args.tokens} new tokens", args.top)
     if args.what in ("floor", "all"):
         decode_floor(model.eval(), args.rounds)
-    if args.trace and args.what != "floor":
+    if args.what in ("kernels", "all"):
+        matmul_kernels(args.rounds)
+    if args.trace and args.what in ("train", "decode"):
         prof.export_chrome_trace(args.trace)
         print(f"\ntrace written to {args.trace}")
 

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
 from gptlab.generate import generate
-from gptlab.model import PRESETS, GPTConfig, GPTModel, KVCache, RowBlockLinear, _row_blocks
+from gptlab.model import PRESETS, GPTConfig, GPTModel, InferenceLinear, KVCache, _row_blocks
 
 
 def tiny(**kw):
@@ -89,51 +89,62 @@ def test_row_blocks_give_every_thread_work_and_fall_back_when_none_divide():
     assert _row_blocks(50257, 64) == 1 and _row_blocks(97, 2) == 1  # prime or no divisor in range: F.linear
 
 
-def count_batched_matmuls(monkeypatch) -> list:
-    calls = []
-    for name in ("bmm", "baddbmm"):
-        real = getattr(torch, name)
-        monkeypatch.setattr(torch, name, lambda *a, _real=real, **k: calls.append(name) or _real(*a, **k))
-    return calls
+def record_kernels(monkeypatch) -> list[str]:
+    kernels = []
+    real = InferenceLinear._kernel_for
+    monkeypatch.setattr(InferenceLinear, "_kernel_for", lambda self, *a: kernels.append(real(self, *a)) or kernels[-1])
+    return kernels
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 64, 65])
+@pytest.mark.parametrize("rows", [1, 3, 8, 65])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("out_features", [96, 97])
-def test_row_block_linear_equals_f_linear(rows, bias, out_features, monkeypatch):
+@pytest.mark.parametrize("use_onednn", [True, False])
+def test_inference_linear_equals_f_linear(rows, bias, out_features, use_onednn, monkeypatch):
     torch.manual_seed(0)
-    monkeypatch.setattr(RowBlockLinear, "min_weight_numel", 0)  # test-sized weights take the blocked path
-    layer = RowBlockLinear(48, out_features, bias=bias)
+    monkeypatch.setattr(InferenceLinear, "min_weight_numel", 0)  # test-sized weights take the row-block path
+    monkeypatch.setattr(InferenceLinear, "use_onednn", use_onednn and torch.backends.mkldnn.is_available())
+    layer = InferenceLinear(48, out_features, bias=bias)
     x = torch.randn(rows, 1, 48)
-    batched = count_batched_matmuls(monkeypatch)
+    kernels = record_kernels(monkeypatch)
     with torch.no_grad():
         fast = layer(x)
-    # the blocked path runs exactly when there are few rows and the width splits into equal blocks
-    assert bool(batched) == (rows <= 64 and out_features == 96)
+    # one row takes the row blocks when the width splits evenly; more rows take oneDNN where torch has it
+    expected = ("row_blocks" if out_features == 96 else "torch") if rows == 1 else (
+        "onednn" if InferenceLinear.use_onednn else "torch")
+    assert kernels == [expected]
     ref = F.linear(x, layer.weight, layer.bias)
     assert fast.shape == (rows, 1, out_features) and fast.is_contiguous()
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
-    batched.clear()
+    kernels.clear()
     layer(x).sum().backward()  # with gradients: plain F.linear, trainable as nn.Linear
-    assert not batched and layer.weight.grad is not None
+    assert kernels == ["torch"] and layer.weight.grad is not None
 
 
-def test_small_weights_keep_f_linear(monkeypatch):
-    layer = RowBlockLinear(48, 96)
-    batched = count_batched_matmuls(monkeypatch)
+def test_onednn_is_available_on_this_build():
+    # the benchmarks' decoding numbers assume it: a torch without oneDNN falls back to F.linear silently
+    assert torch.backends.mkldnn.is_available() and InferenceLinear.use_onednn
+
+
+def test_small_weights_keep_f_linear_for_one_row(monkeypatch):
+    layer = InferenceLinear(48, 96)
+    kernels = record_kernels(monkeypatch)
     with torch.no_grad():
         layer(torch.randn(1, 48))
-    assert layer.weight.numel() < RowBlockLinear.min_weight_numel and not batched
+    assert layer.weight.numel() < InferenceLinear.min_weight_numel and kernels == ["torch"]
 
 
-def test_blocked_decoding_matches_the_full_forward(monkeypatch):
-    monkeypatch.setattr(RowBlockLinear, "min_weight_numel", 0)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_inference_kernels_decode_like_the_full_forward(batch, monkeypatch):
+    monkeypatch.setattr(InferenceLinear, "min_weight_numel", 0)
     model = GPTModel(GPTConfig.preset("tiny", vocab_size=96)).eval()  # every width splits into blocks
-    idx = torch.randint(0, 96, (3, 20), generator=torch.Generator().manual_seed(0))
-    batched = count_batched_matmuls(monkeypatch)
+    idx = torch.randint(0, 96, (batch, 20), generator=torch.Generator().manual_seed(0))
+    kernels = record_kernels(monkeypatch)
     with torch.no_grad():
-        full = model(idx)  # 60 rows: blocked too
-        cache = KVCache(model.config, 3, 20, "cpu", torch.float32)
+        full = model(idx)
+        cache = KVCache(model.config, batch, 20, "cpu", torch.float32)
         steps = [model(idx[:, :4], cache)] + [model(idx[:, t:t + 1], cache) for t in range(4, 20)]
-    assert len(batched) == 18 * (4 * model.config.n_layer + 1)  # every projection and the head, in all 18 calls
+    per_call = 4 * model.config.n_layer + 1  # every projection and the head
+    assert kernels[:2 * per_call] == ["onednn"] * 2 * per_call  # the full forward and the prompt: many rows
+    assert kernels[2 * per_call:] == ["row_blocks" if batch == 1 else "onednn"] * 16 * per_call
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)

@@ -7,6 +7,8 @@ C channels (``n_embd``), nh heads, hs head size, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 
@@ -86,10 +88,11 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, nh, T, hs) keys/values at the current position; return everything cached so far."""
-        start, end = self.pos, self.pos + k.size(2)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        start, T = self.pos, k.size(2)
+        k_all, v_all = self.k[layer], self.v[layer]  # (B, nh, max_len, hs)
+        k_all.narrow(2, start, T).copy_(k)  # narrow + copy_: two ops where slice assignment takes six
+        v_all.narrow(2, start, T).copy_(v)
+        return k_all.narrow(2, 0, start + T), v_all.narrow(2, 0, start + T)
 
 
 @lru_cache(maxsize=None)
@@ -99,48 +102,86 @@ def _row_blocks(out_features: int, threads: int) -> int:
     return next((n for n in divisors if n >= 2 * threads), divisors[0] if divisors else 1)  # 1: no split
 
 
-class RowBlockLinear(nn.Linear):
-    """``nn.Linear`` with a faster path for the few rows of a decoding step on the CPU.
+class InferenceLinear(nn.Linear):
+    """``nn.Linear`` with faster matrix kernels for inference (no gradients) on the CPU in float32.
 
-    Decoding multiplies 1-64 rows by every weight matrix, so its time is reading the weights. MKL runs
-    ``x @ W.T`` with that few rows on one core, and with a slow kernel for 2-16 rows: on the AMD EPYC
-    here a batch-1 step's matmuls read the weights at half the rate of summing them. Cut into row blocks
-    and multiplied as one batched matmul, the read is spread over every thread (76% of that rate:
-    ``benchmarks/profile_speed.py --what floor``). Training, ``torch.compile``, autocast and other
-    devices take ``F.linear`` unchanged, and so do weights under 2 MB: for those, cache-resident after
-    the first step, the blocks' fixed cost (~30 us a call) outweighs the second thread.
+    ``F.linear`` runs on the BLAS torch was built with (MKL), which on the AMD EPYC here reaches half the
+    rate of oneDNN, also bundled with torch (``benchmarks/profile_speed.py --what kernels``). Without
+    gradients, this layer picks per call:
+
+    - one row (batch-1 decoding) and a weight of at least 2 MB: ``W @ x`` as a batched matrix-vector
+      product over row blocks of W, two per thread, so every core reads its share of the weight
+      contiguously; whole, MKL and oneDNN alike run that on one core at half the memory bandwidth;
+    - two rows or more: oneDNN's matmul, when torch has oneDNN, on the weight as it is or, inside
+      ``packed_weights``, on a copy in oneDNN's blocked layout that its kernels read twice as fast;
+    - otherwise, and always while training, compiling, under autocast or on other devices: ``F.linear``.
+
+    Parameters, state-dict names and results (to float32 rounding) are those of ``nn.Linear``.
     """
 
-    min_weight_numel = 1 << 19  # float32 elements below which F.linear is faster here
+    min_weight_numel = 1 << 19  # float32 elements below which one row is faster through F.linear
+    use_onednn = torch.backends.mkldnn.is_available()
+
+    packed: torch.Tensor | None = None  # the weight in oneDNN's layout, set only inside packed_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        blocks = self._blocks_for(x)
-        if blocks == 1:
-            return F.linear(x, self.weight, self.bias)
-        rows, n_out = x.numel() // x.size(-1), self.out_features
-        w = self.weight.view(blocks, n_out // blocks, -1).transpose(1, 2)  # (nb, K, N/nb)
-        xb = x.reshape(rows, -1).expand(blocks, -1, -1)  # (nb, rows, K)
-        if self.bias is None:
-            y = torch.bmm(xb, w)  # (nb, rows, N/nb)
-        else:
-            y = torch.baddbmm(self.bias.view(blocks, 1, -1), xb, w)  # (nb, rows, N/nb)
-        return y.transpose(0, 1).reshape(*x.shape[:-1], n_out)  # (..., N)
+        weight, bias = self.weight, self.bias  # each attribute read goes through nn.Module.__getattr__
+        kernel = self._kernel_for(x, weight)
+        if kernel == "onednn":
+            return _onednn_linear(x, weight if self.packed is None else self.packed, bias, "none", [], "")
+        if kernel == "row_blocks":
+            n_out = weight.size(0)
+            blocks = _row_blocks(n_out, torch.get_num_threads())
+            w = weight.view(blocks, n_out // blocks, -1)  # (nb, N/nb, K)
+            # x as a (K, 1) column: the transpose of (1, K), a layout BLAS takes (reshape(-1, 1) is slow)
+            xb = x.reshape(1, -1).t().expand(blocks, -1, -1)  # (nb, K, 1)
+            y = torch.bmm(w, xb) if bias is None else torch.baddbmm(bias.view(blocks, -1, 1), w, xb)
+            return y.view(*x.shape[:-1], n_out)  # (..., N): the blocks' outputs land in order
+        return F.linear(x, weight, bias)
 
-    def _blocks_for(self, x: torch.Tensor) -> int:
-        if (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
-                or x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
-                or not self.weight.is_contiguous() or self.weight.numel() < self.min_weight_numel
-                or not 1 <= x.numel() // x.size(-1) <= 64):
-            return 1  # training, compiling, autocast, other devices and dtypes, many rows: plain F.linear
-        return _row_blocks(self.out_features, torch.get_num_threads())
+    def _kernel_for(self, x: torch.Tensor, weight: torch.Tensor) -> str:
+        # ordered cheapest first: this runs 49 times per GPT-2 124M token
+        if (torch.is_grad_enabled() or not x.is_cpu or x.dtype != torch.float32 or weight.dtype != torch.float32
+                or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
+            return "torch"  # training, other devices and dtypes, autocast, compiling
+        if x.numel() != x.size(-1):  # several rows
+            return "onednn" if self.use_onednn else "torch"
+        big = weight.numel() >= self.min_weight_numel and weight.is_contiguous()
+        return "row_blocks" if big and _row_blocks(weight.size(0), torch.get_num_threads()) > 1 else "torch"
+
+
+# oneDNN's linear (what torch.compile's CPU backend emits for packed weights); absent without oneDNN
+_onednn_linear = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+
+
+@contextmanager
+def packed_weights(model: nn.Module, rows: int) -> Iterator[None]:
+    """Within the block, inference matmuls of two rows or more read a copy of each weight in oneDNN's layout.
+
+    For batched decoding: at 8 rows a GPT-2 124M step's matmuls take 11 ms packed against 21 ms plain
+    here. The copies cost as much memory as the weights and ~0.1 s to make, and are dropped on exit;
+    ``rows`` is the row count to pack for (any count works). Does nothing where oneDNN does not apply.
+    """
+    layers = [m for m in model.modules() if isinstance(m, InferenceLinear)]
+    if not (InferenceLinear.use_onednn and layers and all(
+            m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in layers)):
+        yield
+        return
+    try:
+        for m in layers:
+            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
+        yield
+    finally:
+        for m in layers:
+            m.packed = None
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
         self.n_head, self.layer = config.n_head, layer
-        self.c_attn = RowBlockLinear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)  # fused q, k, v
-        self.c_proj = RowBlockLinear(config.n_embd, config.n_embd)
+        self.c_attn = InferenceLinear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)  # fused q, k, v
+        self.c_proj = InferenceLinear(config.n_embd, config.n_embd)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -170,8 +211,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = RowBlockLinear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = RowBlockLinear(4 * config.n_embd, config.n_embd)
+        self.c_fc = InferenceLinear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = InferenceLinear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,7 +244,7 @@ class GPTModel(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5)
-        self.lm_head = RowBlockLinear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = InferenceLinear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight  # one matrix for reading and writing tokens
         self.apply(self._init_weights)
