@@ -9,7 +9,7 @@
 Prints the operators that took the most time (self time, summed over calls), and groups them into
 matrix multiplies, attention, loss, optimizer and the rest, which is what BENCHMARKS.md discusses.
 ``floor`` times, per decoded token and interleaved over rounds: reading every weight matrix once
-(``.sum()``, the memory floor), the weight matmuls alone through ``InferenceLinear`` and through plain
+(``.sum()``, the memory floor), the weight matmuls alone through ``CPULinear`` and through plain
 ``F.linear``, and the whole cached decoding step, at batch 1 and batch 8 (packed, as ``generate`` does).
 ``kernels`` times a large float32 matmul through torch's default BLAS and through oneDNN.
 """
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from gptlab.generate import generate
-from gptlab.model import GPTConfig, GPTModel, InferenceLinear, KVCache, packed_weights
+from gptlab.model import GPTConfig, GPTModel, CPULinear, KVCache, packed_weights
 from gptlab.train import TrainConfig, lm_loss, make_optimizer
 
 # Operator-name fragments -> the group they are reported under (first match wins).
@@ -67,7 +67,7 @@ def summarise(prof, title: str, top: int) -> None:
 
 def decode_floor(model: GPTModel, rounds: int) -> None:
     """Per-token time of a cached decoding step against the time to read its weights once."""
-    linears = [m for m in model.modules() if isinstance(m, InferenceLinear)]
+    linears = [m for m in model.modules() if isinstance(m, CPULinear)]
     weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     V = model.config.vocab_size
 
@@ -91,11 +91,11 @@ def decode_floor(model: GPTModel, rounds: int) -> None:
             return timed(lambda: [model(new, cache, last_only=True) for _ in range(steps)]) / steps
 
     cases = {"read every weight matrix once (`.sum()`)": (lambda: timed(lambda: [m.weight.sum() for m in linears]), 1)}
-    cases["weight matmuls only, `InferenceLinear` (row blocks), 1 row"] = (lambda: matmuls(1, "plain"), 1)
+    cases["weight matmuls only, `CPULinear` (row blocks), 1 row"] = (lambda: matmuls(1, "plain"), 1)
     cases["weight matmuls only, `F.linear` (MKL), 1 row"] = (lambda: matmuls(1, "F.linear"), 1)
     cases["whole cached decoding step, batch 1"] = (lambda: decode(1), 1)
-    cases["weight matmuls only, `InferenceLinear` (oneDNN, packed), 8 rows"] = (lambda: matmuls(8, "packed"), 8)
-    cases["weight matmuls only, `InferenceLinear` (oneDNN, plain), 8 rows"] = (lambda: matmuls(8, "plain"), 8)
+    cases["weight matmuls only, `CPULinear` (oneDNN, packed), 8 rows"] = (lambda: matmuls(8, "packed"), 8)
+    cases["weight matmuls only, `CPULinear` (oneDNN, plain), 8 rows"] = (lambda: matmuls(8, "plain"), 8)
     cases["weight matmuls only, `F.linear` (MKL), 8 rows"] = (lambda: matmuls(8, "F.linear"), 8)
     cases["whole cached decoding step, batch 8 (packed)"] = (lambda: decode(8), 8)
     times: dict[str, list[float]] = defaultdict(list)

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
 from gptlab.generate import generate
-from gptlab.model import PRESETS, GPTConfig, GPTModel, InferenceLinear, KVCache, _row_blocks
+from gptlab.model import PRESETS, GPTConfig, GPTModel, CPULinear, KVCache, _row_blocks
 
 
 def tiny(**kw):
@@ -91,8 +91,8 @@ def test_row_blocks_give_every_thread_work_and_fall_back_when_none_divide():
 
 def record_kernels(monkeypatch) -> list[str]:
     kernels = []
-    real = InferenceLinear._kernel_for
-    monkeypatch.setattr(InferenceLinear, "_kernel_for", lambda self, *a: kernels.append(real(self, *a)) or kernels[-1])
+    real = CPULinear._kernel_for
+    monkeypatch.setattr(CPULinear, "_kernel_for", lambda self, *a: kernels.append(real(self, *a)) or kernels[-1])
     return kernels
 
 
@@ -100,43 +100,91 @@ def record_kernels(monkeypatch) -> list[str]:
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("out_features", [96, 97])
 @pytest.mark.parametrize("use_onednn", [True, False])
-def test_inference_linear_equals_f_linear(rows, bias, out_features, use_onednn, monkeypatch):
+def test_cpu_linear_equals_f_linear(rows, bias, out_features, use_onednn, monkeypatch):
     torch.manual_seed(0)
-    monkeypatch.setattr(InferenceLinear, "min_weight_numel", 0)  # test-sized weights take the row-block path
-    monkeypatch.setattr(InferenceLinear, "use_onednn", use_onednn and torch.backends.mkldnn.is_available())
-    layer = InferenceLinear(48, out_features, bias=bias)
+    monkeypatch.setattr(CPULinear, "min_weight_numel", 0)  # test-sized weights take the row-block path
+    monkeypatch.setattr(CPULinear, "use_onednn", use_onednn and torch.backends.mkldnn.is_available())
+    layer = CPULinear(48, out_features, bias=bias)
     x = torch.randn(rows, 1, 48)
     kernels = record_kernels(monkeypatch)
     with torch.no_grad():
         fast = layer(x)
     # one row takes the row blocks when the width splits evenly; more rows take oneDNN where torch has it
     expected = ("row_blocks" if out_features == 96 else "torch") if rows == 1 else (
-        "onednn" if InferenceLinear.use_onednn else "torch")
+        "onednn" if CPULinear.use_onednn else "torch")
     assert kernels == [expected]
     ref = F.linear(x, layer.weight, layer.bias)
     assert fast.shape == (rows, 1, out_features) and fast.is_contiguous()
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
-    kernels.clear()
-    layer(x).sum().backward()  # with gradients: plain F.linear, trainable as nn.Linear
-    assert kernels == ["torch"] and layer.weight.grad is not None
+
+
+def linear_grads(forward, layer: torch.nn.Linear, x: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
+    x = x.detach().requires_grad_(x.requires_grad)
+    layer.zero_grad(set_to_none=True)
+    out = forward(x)
+    out.backward(grad)
+    grads = [x.grad, layer.weight.grad] + ([layer.bias.grad] if layer.bias is not None else [])
+    return [out.detach()] + grads
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_needs_grad", [True, False])
+@pytest.mark.parametrize("layout", ["3d", "2d", "non-contiguous"])
+def test_onednn_training_path_matches_f_linear_values_and_gradients(bias, x_needs_grad, layout, monkeypatch):
+    torch.manual_seed(0)
+    layer = CPULinear(48, 80, bias=bias)
+    x = {"3d": torch.randn(3, 5, 48), "2d": torch.randn(7, 48),
+         "non-contiguous": torch.randn(3, 96, 5).transpose(1, 2)[:, :, ::2]}[layout].requires_grad_(x_needs_grad)
+    grad = torch.randn(*x.shape[:-1], 80)
+    kernels = record_kernels(monkeypatch)
+    fast = linear_grads(layer, layer, x, grad)
+    assert kernels == ["onednn_autograd"]  # with gradients: oneDNN forward and backward
+    ref = linear_grads(lambda t: F.linear(t, layer.weight, layer.bias), layer, x, grad)
+    for a, b in zip(fast, ref):
+        assert (a is None) == (b is None) == (a is fast[1] and not x_needs_grad)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_training_on_onednn_gives_the_losses_of_f_linear(monkeypatch):
+    from gptlab.train import TrainConfig, lm_loss, make_optimizer
+
+    def losses(use_onednn: bool) -> list[float]:
+        monkeypatch.setattr(CPULinear, "use_onednn", use_onednn)
+        torch.manual_seed(0)
+        model = GPTModel(GPTConfig.preset("tiny", vocab_size=96))
+        opt = make_optimizer(model, TrainConfig(lr=1e-2), torch.device("cpu"))
+        tokens = torch.randint(0, 96, (4, 33), generator=torch.Generator().manual_seed(1))
+        out = []
+        for _ in range(5):
+            loss = lm_loss(model, (tokens[:, :-1], tokens[:, 1:]))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            out.append(loss.item())
+        return out
+
+    onednn, mkl = losses(True), losses(False)
+    assert onednn[-1] < onednn[0] - 0.5  # it learns
+    assert onednn == pytest.approx(mkl, rel=1e-4)
 
 
 def test_onednn_is_available_on_this_build():
     # the benchmarks' decoding numbers assume it: a torch without oneDNN falls back to F.linear silently
-    assert torch.backends.mkldnn.is_available() and InferenceLinear.use_onednn
+    assert torch.backends.mkldnn.is_available() and CPULinear.use_onednn
 
 
 def test_small_weights_keep_f_linear_for_one_row(monkeypatch):
-    layer = InferenceLinear(48, 96)
+    layer = CPULinear(48, 96)
     kernels = record_kernels(monkeypatch)
     with torch.no_grad():
         layer(torch.randn(1, 48))
-    assert layer.weight.numel() < InferenceLinear.min_weight_numel and kernels == ["torch"]
+    assert layer.weight.numel() < CPULinear.min_weight_numel and kernels == ["torch"]
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_inference_kernels_decode_like_the_full_forward(batch, monkeypatch):
-    monkeypatch.setattr(InferenceLinear, "min_weight_numel", 0)
+    monkeypatch.setattr(CPULinear, "min_weight_numel", 0)
     model = GPTModel(GPTConfig.preset("tiny", vocab_size=96)).eval()  # every width splits into blocks
     idx = torch.randint(0, 96, (batch, 20), generator=torch.Generator().manual_seed(0))
     kernels = record_kernels(monkeypatch)

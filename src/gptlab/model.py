@@ -15,6 +15,7 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from gptlab.errors import GptlabError
 
@@ -102,19 +103,19 @@ def _row_blocks(out_features: int, threads: int) -> int:
     return next((n for n in divisors if n >= 2 * threads), divisors[0] if divisors else 1)  # 1: no split
 
 
-class InferenceLinear(nn.Linear):
-    """``nn.Linear`` with faster matrix kernels for inference (no gradients) on the CPU in float32.
+class CPULinear(nn.Linear):
+    """``nn.Linear`` that picks the fastest matrix kernel torch has for the call, on the CPU in float32.
 
     ``F.linear`` runs on the BLAS torch was built with (MKL), which on the AMD EPYC here reaches half the
-    rate of oneDNN, also bundled with torch (``benchmarks/profile_speed.py --what kernels``). Without
-    gradients, this layer picks per call:
+    rate of oneDNN, also inside torch (``benchmarks/profile_speed.py --what kernels``). So:
 
-    - one row (batch-1 decoding) and a weight of at least 2 MB: ``W @ x`` as a batched matrix-vector
-      product over row blocks of W, two per thread, so every core reads its share of the weight
-      contiguously; whole, MKL and oneDNN alike run that on one core at half the memory bandwidth;
-    - two rows or more: oneDNN's matmul, when torch has oneDNN, on the weight as it is or, inside
-      ``packed_weights``, on a copy in oneDNN's blocked layout that its kernels read twice as fast;
-    - otherwise, and always while training, compiling, under autocast or on other devices: ``F.linear``.
+    - with gradients (training): oneDNN for the forward and both backward matmuls, where torch has it;
+    - without, one row (batch-1 decoding) and a weight of at least 2 MB: ``W @ x`` as a batched
+      matrix-vector product over row blocks of W, two per thread, so every core reads its share of the
+      weight contiguously; whole, MKL and oneDNN alike run that on one core at half the memory bandwidth;
+    - without, two rows or more: oneDNN, on the weight as it is or, inside ``packed_weights``, on a copy
+      in oneDNN's blocked layout that its kernels read twice as fast;
+    - under autocast, ``torch.compile``, on other devices and dtypes or without oneDNN: ``F.linear``.
 
     Parameters, state-dict names and results (to float32 rounding) are those of ``nn.Linear``.
     """
@@ -127,6 +128,8 @@ class InferenceLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias  # each attribute read goes through nn.Module.__getattr__
         kernel = self._kernel_for(x, weight)
+        if kernel == "onednn_autograd":
+            return OneDNNLinearFunction.apply(x, weight, bias)
         if kernel == "onednn":
             return _onednn_linear(x, weight if self.packed is None else self.packed, bias, "none", [], "")
         if kernel == "row_blocks":
@@ -141,9 +144,11 @@ class InferenceLinear(nn.Linear):
 
     def _kernel_for(self, x: torch.Tensor, weight: torch.Tensor) -> str:
         # ordered cheapest first: this runs 49 times per GPT-2 124M token
-        if (torch.is_grad_enabled() or not x.is_cpu or x.dtype != torch.float32 or weight.dtype != torch.float32
+        if (not x.is_cpu or x.dtype != torch.float32 or weight.dtype != torch.float32
                 or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
-            return "torch"  # training, other devices and dtypes, autocast, compiling
+            return "torch"  # other devices and dtypes, autocast, compiling
+        if torch.is_grad_enabled():
+            return "onednn_autograd" if self.use_onednn else "torch"
         if x.numel() != x.size(-1):  # several rows
             return "onednn" if self.use_onednn else "torch"
         big = weight.numel() >= self.min_weight_numel and weight.is_contiguous()
@@ -154,6 +159,30 @@ class InferenceLinear(nn.Linear):
 _onednn_linear = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
 
 
+class OneDNNLinearFunction(torch.autograd.Function):
+    """``x @ W.T + b`` whose forward and backward matmuls all run on oneDNN (``F.linear``'s run on MKL)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)  # what F.linear's backward keeps too
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias, "none", [], "")  # (..., N)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_linear(grad, weight.t(), None, "none", [], "")  # (..., K) = grad @ W
+        g, x2 = grad.reshape(-1, grad.size(-1)), x.reshape(-1, x.size(-1))  # (M, N), (M, K)
+        if ctx.needs_input_grad[1]:
+            grad_w = _onednn_linear(g.t(), x2.t(), None, "none", [], "")  # (N, K) = grad.T @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)  # (N,)
+        return grad_x, grad_w, grad_b
+
+
 @contextmanager
 def packed_weights(model: nn.Module, rows: int) -> Iterator[None]:
     """Within the block, inference matmuls of two rows or more read a copy of each weight in oneDNN's layout.
@@ -162,8 +191,8 @@ def packed_weights(model: nn.Module, rows: int) -> Iterator[None]:
     here. The copies cost as much memory as the weights and ~0.1 s to make, and are dropped on exit;
     ``rows`` is the row count to pack for (any count works). Does nothing where oneDNN does not apply.
     """
-    layers = [m for m in model.modules() if isinstance(m, InferenceLinear)]
-    if not (InferenceLinear.use_onednn and layers and all(
+    layers = [m for m in model.modules() if isinstance(m, CPULinear)]
+    if not (CPULinear.use_onednn and layers and all(
             m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in layers)):
         yield
         return
@@ -180,8 +209,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
         self.n_head, self.layer = config.n_head, layer
-        self.c_attn = InferenceLinear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)  # fused q, k, v
-        self.c_proj = InferenceLinear(config.n_embd, config.n_embd)
+        self.c_attn = CPULinear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)  # fused q, k, v
+        self.c_proj = CPULinear(config.n_embd, config.n_embd)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -211,8 +240,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = InferenceLinear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = InferenceLinear(4 * config.n_embd, config.n_embd)
+        self.c_fc = CPULinear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = CPULinear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,7 +273,7 @@ class GPTModel(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5)
-        self.lm_head = InferenceLinear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = CPULinear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight  # one matrix for reading and writing tokens
         self.apply(self._init_weights)
