@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from gptlab.generate import generate
-from gptlab.model import GPTConfig, GPTModel, CPULinear, KVCache, packed_weights
+from gptlab.linear import CPULinear, packed_weights
+from gptlab.model import GPTConfig, GPTModel, KVCache
 from gptlab.train import TrainConfig, lm_loss, make_optimizer
 
 # Operator-name fragments -> the group they are reported under (first match wins).

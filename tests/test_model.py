@@ -1,10 +1,15 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
 from gptlab.generate import generate
-from gptlab.model import PRESETS, GPTConfig, GPTModel, CPULinear, KVCache, _row_blocks
+from gptlab.linear import CPULinear, _row_blocks
+from gptlab.model import PRESETS, GPTConfig, GPTModel, KVCache
 
 
 def tiny(**kw):
@@ -170,8 +175,9 @@ def test_training_on_onednn_gives_the_losses_of_f_linear(monkeypatch):
 
 
 def test_onednn_is_available_on_this_build():
-    # the benchmarks' decoding numbers assume it: a torch without oneDNN falls back to F.linear silently
-    assert torch.backends.mkldnn.is_available() and CPULinear.use_onednn
+    # the benchmarks' numbers assume it: a torch without oneDNN falls back to F.linear silently
+    assert torch.backends.mkldnn.is_available()
+    assert CPULinear.use_onednn == (os.environ.get("GPTLAB_ONEDNN", "1") != "0")
 
 
 def test_small_weights_keep_f_linear_for_one_row(monkeypatch):
@@ -196,3 +202,25 @@ def test_inference_kernels_decode_like_the_full_forward(batch, monkeypatch):
     assert kernels[:2 * per_call] == ["onednn"] * 2 * per_call  # the full forward and the prompt: many rows
     assert kernels[2 * per_call:] == ["row_blocks" if batch == 1 else "onednn"] * 16 * per_call
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_gptlab_onednn_0_keeps_f_linear():
+    code = "from gptlab.linear import CPULinear; print(CPULinear.use_onednn)"
+    env = {**os.environ, "GPTLAB_ONEDNN": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_batched_generation_reads_packed_weights_then_drops_them(monkeypatch):
+    import gptlab.linear
+
+    model = GPTModel(GPTConfig.preset("tiny", vocab_size=96)).eval()
+    idx = torch.randint(0, 96, (3, 5), generator=torch.Generator().manual_seed(0))
+    real, packed_reads = gptlab.linear._onednn_linear, []
+    monkeypatch.setattr(gptlab.linear, "_onednn_linear", lambda x, w, *a: packed_reads.append(w.is_mkldnn) or real(x, w, *a))
+    batched = generate(model, idx, 6)
+    per_call = 4 * model.config.n_layer + 1
+    assert packed_reads == [True] * 6 * per_call  # the prompt and every step, every projection
+    assert all(m.packed is None for m in model.modules() if isinstance(m, CPULinear))  # copies dropped
+    alone = torch.cat([generate(model, idx[i : i + 1], 6) for i in range(3)])  # batch 1: no packing
+    assert torch.equal(batched, alone)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from gptlab.errors import GptlabError
-from gptlab.model import GPTModel, KVCache, packed_weights
+from gptlab.linear import packed_weights
+from gptlab.model import GPTModel, KVCache
 from gptlab.tokenizer import Tokenizer
 
 log = logging.getLogger("gptlab")
