@@ -166,3 +166,48 @@ def test_bad_runs_are_clear_errors(tmp_path, verdict_path):
     (out / "model.safetensors").unlink()
     with pytest.raises(GptlabError, match="no model.safetensors"):
         gptlab.load(out)
+
+
+def lm_loss_and_grads(model: GPTModel, inputs, targets, fused: bool, monkeypatch, scale: float = 1.0):
+    import gptlab.train as train_module
+
+    if not fused:  # route around the fused path: the reference is logits + F.cross_entropy
+        monkeypatch.setattr(train_module, "HeadCrossEntropy", None)
+        monkeypatch.setattr(train_module, "CPULinear", type(None))
+    model.zero_grad(set_to_none=True)
+    loss = train_module.lm_loss(model, (inputs, targets))
+    (loss * scale).backward()
+    monkeypatch.undo()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25])  # 0.25: the loss scaled as gradient accumulation does
+def test_fused_head_loss_equals_logits_cross_entropy(scale, monkeypatch):
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.preset("tiny", vocab_size=97))
+    inputs = torch.randint(0, 97, (3, 40))
+    targets = torch.randint(0, 97, (3, 40))
+    targets[0, :7] = -100  # masked prompt
+    targets[2, 30:] = -100  # padding
+    monkeypatch.setattr(GPTModel, "forward", lambda *a, **k: pytest.fail("the fused loss computed full logits"))
+    fused_loss, fused_grads = lm_loss_and_grads(model, inputs, targets, True, monkeypatch, scale)
+    ref_loss, ref_grads = lm_loss_and_grads(model, inputs, targets, False, monkeypatch, scale)
+    torch.testing.assert_close(fused_loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert fused_grads.keys() == ref_grads.keys()
+    for name in ref_grads:  # the tied wte gets both the head's and the embedding's gradient
+        torch.testing.assert_close(fused_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_head_loss_without_gradients_only_computes_logits(monkeypatch):
+    import gptlab.train as train_module
+
+    model = GPTModel(GPTConfig.preset("tiny", vocab_size=97))
+    inputs, targets = torch.randint(0, 97, (10, 60)), torch.randint(0, 97, (10, 60))
+    products = []
+    real = train_module.linear_product
+    monkeypatch.setattr(train_module, "linear_product", lambda *a: products.append(1) or real(*a))
+    with torch.no_grad():  # evaluation: 600 rows in chunks of 256, one product each, no gradient work
+        loss = train_module.lm_loss(model, (inputs, targets))
+    assert len(products) == 3
+    ref = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(loss, ref)

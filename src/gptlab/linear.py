@@ -81,6 +81,13 @@ class CPULinear(nn.Linear):
 _onednn_linear = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
 
 
+def linear_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` on the kernel ``CPULinear`` would use for it with gradients (oneDNN or F.linear)."""
+    if CPULinear.use_onednn and x.is_cpu and x.dtype == weight.dtype == torch.float32:
+        return _onednn_linear(x, weight, None, "none", [], "")
+    return F.linear(x, weight)
+
+
 class OneDNNLinearFunction(torch.autograd.Function):
     """``x @ W.T + b`` whose forward and backward matmuls all run on oneDNN (``F.linear``'s run on MKL)."""
 
