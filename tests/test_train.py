@@ -211,3 +211,14 @@ def test_fused_head_loss_without_gradients_only_computes_logits(monkeypatch):
     assert len(products) == 3
     ref = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
     torch.testing.assert_close(loss, ref)
+
+
+def test_fused_head_loss_with_a_frozen_head_trains_the_rest():
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.preset("tiny", vocab_size=97))
+    model.wte.weight.requires_grad_(False)  # the tied head/embedding frozen, the blocks trainable
+    inputs, targets = torch.randint(0, 97, (2, 30)), torch.randint(0, 97, (2, 30))
+    from gptlab.train import lm_loss
+
+    lm_loss(model, (inputs, targets)).backward()
+    assert model.wte.weight.grad is None and model.h[0].attn.c_attn.weight.grad is not None

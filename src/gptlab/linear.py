@@ -116,8 +116,8 @@ class OneDNNLinearFunction(torch.autograd.Function):
 def packed_weights(model: nn.Module, rows: int) -> Iterator[None]:
     """Within the block, inference matmuls of two rows or more read a copy of each weight in oneDNN's layout.
 
-    For batched decoding: at 8 rows a GPT-2 124M step's matmuls take 11 ms packed against 21 ms plain
-    here. The copies cost as much memory as the weights and ~0.1 s to make, and are dropped on exit;
+    For batched decoding: at 8 rows a GPT-2 124M step's matmuls take 14.6 ms packed against 19.5 ms
+    plain here (``profile_speed.py --what floor``). The copies cost as much memory as the weights and ~0.1 s to make, and are dropped on exit;
     ``rows`` is the row count to pack for (any count works). Does nothing where oneDNN does not apply.
     """
     layers = [m for m in model.modules() if isinstance(m, CPULinear)]

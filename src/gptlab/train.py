@@ -172,9 +172,10 @@ class HeadCrossEntropy(torch.autograd.Function):
                 grad_enabled: bool) -> torch.Tensor:
         valid = targets != -100  # (M,)
         count = valid.sum().clamp(min=1).to(hidden.dtype)
-        need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        ctx.grad_hidden = torch.empty_like(hidden) if need_grad else None  # (M, C)
-        ctx.grad_weight = torch.zeros_like(weight) if need_grad else None  # (V, C)
+        want_hidden, want_weight = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        need_grad = want_hidden or want_weight
+        ctx.grad_hidden = torch.empty_like(hidden) if want_hidden else None  # (M, C)
+        ctx.grad_weight = torch.zeros_like(weight) if want_weight else None  # (V, C); a frozen head gets none
         total = hidden.new_zeros(())
         for start in range(0, hidden.size(0), chunk):
             h, t, v = hidden[start : start + chunk], targets[start : start + chunk], valid[start : start + chunk]
@@ -187,8 +188,10 @@ class HeadCrossEntropy(torch.autograd.Function):
                 grad = logits.sub_(lse[:, None]).exp_()  # softmax, written over the logits
                 grad[torch.arange(len(t)), t] -= v.to(grad.dtype)
                 grad.mul_((v.to(grad.dtype) / count)[:, None])  # d(mean loss) / d(logits), (c, V)
-                ctx.grad_hidden[start : start + chunk] = linear_product(grad, weight.t())  # (c, C)
-                ctx.grad_weight += linear_product(grad.t(), h.t())  # (V, C)
+                if want_hidden:
+                    ctx.grad_hidden[start : start + chunk] = linear_product(grad, weight.t())  # (c, C)
+                if want_weight:
+                    ctx.grad_weight += linear_product(grad.t(), h.t())  # (V, C)
         return total / count
 
     @staticmethod
@@ -197,7 +200,8 @@ class HeadCrossEntropy(torch.autograd.Function):
         scale = grad_loss.item()  # 1 unless the loss was scaled (gradient accumulation)
         grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
         if scale != 1.0:
-            grad_hidden, grad_weight = grad_hidden * scale, grad_weight * scale
+            grad_hidden = None if grad_hidden is None else grad_hidden * scale
+            grad_weight = None if grad_weight is None else grad_weight * scale
         return grad_hidden, grad_weight, None, None, None
 
 
