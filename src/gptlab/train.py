@@ -133,7 +133,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-HEAD_LOSS_CHUNK = 256  # rows of logits at a time: 51 MB at GPT-2 vocabulary; 64 or 128 were slower
+HEAD_LOSS_CHUNK = 256  # rows of logits at a time: 51 MB at GPT-2 vocabulary; 64-1024 ran alike
 
 
 def lm_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
@@ -163,8 +163,9 @@ class HeadCrossEntropy(torch.autograd.Function):
     usual loss writes them, their log-probabilities, and a zeroed gradient of each: 16% of a CPU
     training step plus most of its page-fault zeroing. Here each chunk's logits become, in place, their
     own gradient (softmax minus one-hot) and are multiplied straight into the gradients of ``hidden``
-    and ``weight`` during the forward; backward only scales them. Measured at that shape: 1.06-1.09x
-    the training step when freed memory stays mapped (as ``train`` arranges), 0.97-1.03x when not.
+    and ``weight`` during the forward; backward only scales them. What it buys is memory (one 51 MB
+    chunk instead of ~600 MB at that shape, more at longer contexts); the step's speed measured
+    0.97-1.09x of the logits path over runs here, i.e. the same within this machine's noise.
     """
 
     @staticmethod
@@ -175,7 +176,7 @@ class HeadCrossEntropy(torch.autograd.Function):
         want_hidden, want_weight = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         need_grad = want_hidden or want_weight
         ctx.grad_hidden = torch.empty_like(hidden) if want_hidden else None  # (M, C)
-        ctx.grad_weight = torch.zeros_like(weight) if want_weight else None  # (V, C); a frozen head gets none
+        ctx.grad_weight = None  # (V, C), from the first chunk on; a frozen head gets none
         total = hidden.new_zeros(())
         for start in range(0, hidden.size(0), chunk):
             h, t, v = hidden[start : start + chunk], targets[start : start + chunk], valid[start : start + chunk]
@@ -191,7 +192,8 @@ class HeadCrossEntropy(torch.autograd.Function):
                 if want_hidden:
                     ctx.grad_hidden[start : start + chunk] = linear_product(grad, weight.t())  # (c, C)
                 if want_weight:
-                    ctx.grad_weight += linear_product(grad.t(), h.t())  # (V, C)
+                    grad_weight = linear_product(grad.t(), h.t())  # (V, C)
+                    ctx.grad_weight = grad_weight if ctx.grad_weight is None else ctx.grad_weight.add_(grad_weight)
         return total / count
 
     @staticmethod
