@@ -1,7 +1,7 @@
 """Where gptlab's time goes: ``torch.profiler`` over training steps and cached decoding steps.
 
     python benchmarks/profile_speed.py                       # GPT-2 124M shape, CPU, float32
-    python benchmarks/profile_speed.py --what train --steps 3 --batch 4 --seq 256
+    python benchmarks/profile_speed.py --what train --keep-freed-memory   # as train() runs; + peak-rate table
     python benchmarks/profile_speed.py --what decode --trace decode.json   # open in chrome://tracing
     python benchmarks/profile_speed.py --what floor          # decoding against the memory floor
     python benchmarks/profile_speed.py --what kernels        # torch's BLAS (MKL) against oneDNN
@@ -16,6 +16,7 @@ matrix multiplies, attention, loss, optimizer and the rest, which is what BENCHM
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections import defaultdict
@@ -28,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from gptlab.generate import generate
 from gptlab.linear import CPULinear, packed_weights
 from gptlab.model import GPTConfig, GPTModel, KVCache
-from gptlab.train import TrainConfig, lm_loss, make_optimizer
+from gptlab.train import TrainConfig, keep_freed_memory_mapped, lm_loss, make_optimizer
 
 # Operator-name fragments -> the group they are reported under (first match wins).
 GROUPS = [
@@ -115,6 +116,83 @@ def decode_floor(model: GPTModel, rounds: int) -> None:
         print(f"| {name} | {t * 1e3:.1f} | {weight_bytes / t / 1e9:.1f} GB/s | {rows / t:.1f} | {floor / t:.0%} |")
 
 
+def train_ceiling(model: GPTModel, step, batch: int, seq: int, rounds: int) -> None:
+    """How far the training step is from the peak matmul rate, and what caps it.
+
+    Records every oneDNN product of one step (shape, strides, time in the step), times each again on
+    its own, and sets the step's model FLOPs (6 N + 12 L T C per token, as ``bench_speed.py``) against
+    three limits: every product at its own standalone rate, every product at the 2048³ peak, and the
+    work that is not a matmul (the step minus its products), which neither limit removes.
+    """
+    import gptlab.linear as linear
+
+    kernel = linear._onednn_linear
+    calls: dict[tuple, list[float]] = defaultdict(list)
+
+    def recorded(x, w, b, *args):
+        start = time.perf_counter()
+        y = kernel(x, w, b, *args)
+        calls[(tuple(x.shape), x.stride(), tuple(w.shape), w.stride(), b is not None)].append(time.perf_counter() - start)
+        return y
+
+    steps: list[float] = []
+    linear._onednn_linear = recorded
+    try:
+        for _ in range(rounds):
+            start = time.perf_counter()
+            step()
+            steps.append(time.perf_counter() - start)
+    finally:
+        linear._onednn_linear = kernel
+    step_s = statistics.median(steps)
+
+    def flops(key: tuple) -> float:
+        x_shape, _, w_shape, _, _ = key
+        return 2 * math.prod(x_shape) * w_shape[0]
+
+    def alone(key: tuple) -> float:
+        x_shape, x_stride, w_shape, w_stride, has_bias = key
+        x = torch.empty_strided(x_shape, x_stride).normal_()
+        w = torch.empty_strided(w_shape, w_stride).normal_()
+        b = torch.zeros(w_shape[0]) if has_bias else None
+        kernel(x, w, b, "none", [], "")
+        times = []
+        for _ in range(max(3, rounds)):
+            start = time.perf_counter()
+            kernel(x, w, b, "none", [], "")
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    n = 2048
+    peak = 2 * n**3 / alone(((n, n), (n, 1), (n, n), (n, 1), False))
+    print(f"\n## training step against the peak matmul rate: {rounds} steps, median {step_s:.2f} s; "
+          f"oneDNN 2048³ peak {peak / 1e9:.0f} GFLOP/s\n")
+    print("| product (x @ W.T), x strides / W strides | calls per step | ms per step | GFLOP/s in the step | "
+          "GFLOP/s alone |\n|---|---:|---:|---:|---:|")
+    in_step = ideal = 0.0
+    for key, times in sorted(calls.items(), key=lambda kv: -sum(kv[1])):
+        per_step = len(times) / rounds
+        t_step, t_alone = statistics.median(times) * per_step, alone(key) * per_step
+        in_step, ideal = in_step + t_step, ideal + t_alone
+        x_shape, x_stride, w_shape, w_stride, has_bias = key
+        print(f"| {x_shape} @ {w_shape}{' + bias' if has_bias else ''}, {x_stride} / {w_stride} | {per_step:.0f} | "
+              f"{t_step * 1e3:.0f} | {flops(key) * per_step / t_step / 1e9:.0f} | {flops(key) * per_step / t_alone / 1e9:.0f} |")
+    cfg = model.config
+    linears = [m for m in model.modules() if isinstance(m, CPULinear)]
+    n_matmul = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in linears)
+    model_flops = batch * seq * (6 * n_matmul + 12 * cfg.n_layer * seq * cfg.n_embd)
+    product_flops = sum(flops(k) * len(t) / rounds for k, t in calls.items())
+    rest = step_s - in_step
+    print(f"\n| step (median) | s | MFU |\n|---|---:|---:|")
+    print(f"| measured | {step_s:.2f} | {model_flops / step_s / peak:.0%} |")
+    print(f"| of which the products | {in_step:.2f} | |")
+    print(f"| of which everything else (attention, norms, GELU, loss, optimizer, copies) | {rest:.2f} | |")
+    print(f"| every product at its standalone rate, the rest as measured | {ideal + rest:.2f} | "
+          f"{model_flops / (ideal + rest) / peak:.0%} |")
+    print(f"| every product at the 2048³ peak, the rest as measured | {product_flops / peak + rest:.2f} | "
+          f"{model_flops / (product_flops / peak + rest) / peak:.0%} |")
+
+
 def matmul_kernels(rounds: int, n: int = 2048) -> None:
     """The float32 matmul rate of torch's default BLAS (MKL here) against oneDNN, also inside torch."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -140,7 +218,8 @@ def matmul_kernels(rounds: int, n: int = 2048) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--what", choices=["train", "decode", "floor", "kernels", "all"], default="all")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds for --what floor and kernels")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds for --what floor and kernels (interleaved) and for train's peak-rate table")
     ap.add_argument("--preset", default="gpt2-small")
     ap.add_argument("--steps", type=int, default=2, help="profiled training steps (after one warm-up step)")
     ap.add_argument("--batch", type=int, default=4)
@@ -148,7 +227,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="profiled new tokens for decoding, batch 1")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--trace", help="also write a Chrome trace of the last profile here")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="keep freed memory mapped, as gptlab's train() does (glibc mallopt); without it the "
+                         "training profile counts page faults in fill_ and copy_")
     args = ap.parse_args()
+    if args.keep_freed_memory:
+        keep_freed_memory_mapped()
 
     torch.manual_seed(0)
     model = GPTModel(GPTConfig.preset(args.preset))
@@ -168,6 +252,7 @@ def main() -> None:
             for _ in range(args.steps):
                 step()
         summarise(prof, f"training, {args.steps} steps of {args.batch} x {args.seq} tokens", args.top)
+        train_ceiling(model, step, args.batch, args.seq, args.rounds)
     if args.what in ("decode", "all"):
         ids = torch.randint(0, V, (1, 16))
         generate(model, ids, 4)

@@ -172,38 +172,37 @@ class HeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
                 grad_enabled: bool) -> torch.Tensor:
         valid = targets != -100  # (M,)
-        count = valid.sum().clamp(min=1).to(hidden.dtype)
+        row_weight = valid.to(hidden.dtype) / valid.sum().clamp(min=1)  # (M,): d(mean loss) / d(row loss)
         want_hidden, want_weight = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
-        need_grad = want_hidden or want_weight
         ctx.grad_hidden = torch.empty_like(hidden) if want_hidden else None  # (M, C)
         ctx.grad_weight = None  # (V, C), from the first chunk on; a frozen head gets none
         total = hidden.new_zeros(())
         for start in range(0, hidden.size(0), chunk):
-            h, t, v = hidden[start : start + chunk], targets[start : start + chunk], valid[start : start + chunk]
-            logits = linear_product(h, weight)  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            t = t.clamp(min=0)  # ignored rows pick token 0, then count for nothing
-            picked = logits.gather(1, t[:, None]).squeeze(1)  # (c,)
-            total += ((lse - picked) * v).sum()
-            if need_grad:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, written over the logits
-                grad[torch.arange(len(t)), t] -= v.to(grad.dtype)
-                grad.mul_((v.to(grad.dtype) / count)[:, None])  # d(mean loss) / d(logits), (c, V)
+            h, t, w = hidden[start : start + chunk], targets[start : start + chunk], row_weight[start : start + chunk]
+            t = t.clamp(min=0)  # ignored rows pick token 0, then count for nothing (weight 0)
+            logprobs = torch.log_softmax(linear_product(h, weight), dim=-1)  # (c, V)
+            total -= (logprobs.gather(1, t[:, None]).squeeze(1) * w).sum()
+            if want_hidden or want_weight:
+                grad = logprobs.exp_()  # softmax, in place
+                grad[torch.arange(len(t)), t] -= 1.0  # d(row loss) / d(logits): softmax - one-hot, (c, V)
+                # each row's weight scales the small (c, C) factors, not the (c, V) gradient
                 if want_hidden:
-                    ctx.grad_hidden[start : start + chunk] = linear_product(grad, weight.t())  # (c, C)
+                    ctx.grad_hidden[start : start + chunk] = linear_product(grad, weight.t()) * w[:, None]  # (c, C)
                 if want_weight:
-                    grad_weight = linear_product(grad.t(), h.t())  # (V, C)
+                    grad_weight = linear_product(grad.t(), (h * w[:, None]).t())  # (V, C)
                     ctx.grad_weight = grad_weight if ctx.grad_weight is None else ctx.grad_weight.add_(grad_weight)
-        return total / count
+        return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: torch.Tensor):
         scale = grad_loss.item()  # 1 unless the loss was scaled (gradient accumulation)
         grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
+        # ctx lets go, so autograd owns the only reference and adds the tied embedding's gradient in place
+        ctx.grad_hidden = ctx.grad_weight = None
         if scale != 1.0:
-            grad_hidden = None if grad_hidden is None else grad_hidden * scale
-            grad_weight = None if grad_weight is None else grad_weight * scale
+            grad_hidden = None if grad_hidden is None else grad_hidden.mul_(scale)
+            grad_weight = None if grad_weight is None else grad_weight.mul_(scale)
         return grad_hidden, grad_weight, None, None, None
 
 
