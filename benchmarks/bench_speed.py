@@ -377,12 +377,13 @@ def run(args) -> None:
                 assert out[0].shape == (b, args.prompt + n), (name, out[0].shape)
                 results[("gen", name, b, cached)].append(b * n / seconds)
             gc.collect()
-        limit = results["bw"][-1] / weight_bytes_per_token(4 if args.precision == "fp32" else 2)
-        print("#   peak %.1f GFLOP/s, bw %.1f GB/s, train tok/s %s, batch-1 decode tok/s %s (limit %.1f)" % (
+        per_token = weight_bytes_per_token(4 if args.precision == "fp32" else 2)
+        print("#   peak %.1f GFLOP/s, bw %.1f GB/s, train tok/s %s, batch-1 decode tok/s %s" % (
             results["peak"][-1] / 1e9, results["bw"][-1] / 1e9,
             " ".join(f"{n}={results[('train', n)][-1]:.1f}" for n in order if ('train', n) in results),
-            " ".join(f"{n}={results[('gen', n, 1, True)][-1]:.1f}" for n in order if ('gen', n, 1, True) in results),
-            limit), file=sys.stderr)
+            " ".join(f"{n}={results[('gen', n, 1, True)][-1]:.1f} (bw around it {results[('bw_at', n)][-1] / 1e9:.1f}"
+                     f" GB/s, {results[('gen', n, 1, True)][-1] * per_token / results[('bw_at', n)][-1]:.0%} of its limit)"
+                     for n in order if ('gen', n, 1, True) in results)), file=sys.stderr)
 
     rss = {}
     if not args.skip_rss:

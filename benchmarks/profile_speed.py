@@ -92,7 +92,10 @@ def decode_floor(model: GPTModel, rounds: int) -> None:
             new = torch.randint(0, V, (rows, 1))
             return timed(lambda: [model(new, cache, last_only=True) for _ in range(steps)]) / steps
 
-    cases = {"read every weight matrix once (`.sum()`)": (lambda: timed(lambda: [m.weight.sum() for m in linears]), 1)}
+    probe = torch.ones(512 * 2**20 // 4)  # bench_speed.py's bandwidth probe, scaled below to the weights' bytes
+    cases = {"bench_speed.py's probe: one 512 MB `.sum()`, per weight byte":
+             (lambda: timed(lambda: probe.sum()) * weight_bytes / (probe.numel() * 4), 1)}
+    cases["read every weight matrix once (`.sum()`)"] = (lambda: timed(lambda: [m.weight.sum() for m in linears]), 1)
     cases["weight matmuls only, `CPULinear` (row blocks), 1 row"] = (lambda: matmuls(1, "plain"), 1)
     cases["weight matmuls only, `F.linear` (MKL), 1 row"] = (lambda: matmuls(1, "F.linear"), 1)
     cases["whole cached decoding step, batch 1"] = (lambda: decode(1), 1)
@@ -108,12 +111,17 @@ def decode_floor(model: GPTModel, rounds: int) -> None:
             for name, (fn, _) in cases.items():
                 times[name].append(fn())
     floor = statistics.median(times["read every weight matrix once (`.sum()`)"])
+    probe_s = times["bench_speed.py's probe: one 512 MB `.sum()`, per weight byte"]
     print(f"\n## decoding against the memory floor: {weight_bytes / 1e6:.0f} MB of weight matrices, "
           f"median of {rounds} interleaved rounds\n")
-    print("| per decoding step | ms | weights read at | tokens/s | floor / this |\n|---|---:|---:|---:|---:|")
+    print("| per decoding step | ms | weights read at | tokens/s | floor / this | probe / this (median of rounds) |"
+          "\n|---|---:|---:|---:|---:|---:|")
     for name, (_, rows) in cases.items():
         t = statistics.median(times[name])
-        print(f"| {name} | {t * 1e3:.1f} | {weight_bytes / t / 1e9:.1f} GB/s | {rows / t:.1f} | {floor / t:.0%} |")
+        # each round's time against the same round's probe: the bandwidth drifts between rounds
+        share = statistics.median(p / x for p, x in zip(probe_s, times[name]))
+        print(f"| {name} | {t * 1e3:.1f} | {weight_bytes / t / 1e9:.1f} GB/s | {rows / t:.1f} | {floor / t:.0%} | "
+              f"{share:.0%} |")
 
 
 def train_ceiling(model: GPTModel, step, batch: int, seq: int, rounds: int) -> None:

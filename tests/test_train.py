@@ -222,3 +222,19 @@ def test_fused_head_loss_with_a_frozen_head_trains_the_rest():
 
     lm_loss(model, (inputs, targets)).backward()
     assert model.wte.weight.grad is None and model.h[0].attn.c_attn.weight.grad is not None
+
+
+def test_fused_head_loss_refuses_a_second_backward():
+    """Its gradients are computed in the forward and given away once: a second backward must fail loudly."""
+    from gptlab.train import lm_loss
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.preset("tiny", vocab_size=97))
+    inputs, targets = torch.randint(0, 97, (2, 30)), torch.randint(0, 97, (2, 30))
+    loss = lm_loss(model, (inputs, targets))
+    loss.backward(retain_graph=True)
+    first = model.wte.weight.grad.clone()
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+    lm_loss(model, (inputs, targets)).backward()  # computing the loss again is the way: gradients add up
+    torch.testing.assert_close(model.wte.weight.grad, 2 * first)

@@ -160,12 +160,11 @@ class HeadCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weight.T`` against targets, ``chunk`` rows of logits at a time.
 
     At the GPT-2 124M shape, 4 x 256 tokens, the logits are 1024 x 50,257 float32 (206 MB), and the
-    usual loss writes them, their log-probabilities, and a zeroed gradient of each: 16% of a CPU
-    training step plus most of its page-fault zeroing. Here each chunk's logits become, in place, their
-    own gradient (softmax minus one-hot) and are multiplied straight into the gradients of ``hidden``
-    and ``weight`` during the forward; backward only scales them. What it buys is memory (one 51 MB
-    chunk instead of ~600 MB at that shape, more at longer contexts); the step's speed measured
-    0.97-1.09x of the logits path over runs here, i.e. the same within this machine's noise.
+    usual loss writes them, their log-probabilities, and a zeroed gradient of each. Here each chunk's
+    log-probabilities (one kernel) become, in place, their own gradient (softmax minus one-hot) and are
+    multiplied straight into the gradients of ``hidden`` and ``weight`` during the forward; backward
+    only scales them. What it buys is memory (two 51 MB chunks instead of ~600 MB at that shape, more
+    at longer contexts); the step's speed is level with the logits path on the CPU it was measured on.
     """
 
     @staticmethod
@@ -176,6 +175,7 @@ class HeadCrossEntropy(torch.autograd.Function):
         want_hidden, want_weight = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         ctx.grad_hidden = torch.empty_like(hidden) if want_hidden else None  # (M, C)
         ctx.grad_weight = None  # (V, C), from the first chunk on; a frozen head gets none
+        ctx.handed_out = False  # backward gives the gradients away once
         total = hidden.new_zeros(())
         for start in range(0, hidden.size(0), chunk):
             h, t, w = hidden[start : start + chunk], targets[start : start + chunk], row_weight[start : start + chunk]
@@ -196,10 +196,14 @@ class HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: torch.Tensor):
+        if ctx.handed_out:
+            raise RuntimeError("lm_loss: backward ran twice through the same loss; its gradients were computed "
+                               "in the forward and handed out the first time: compute the loss again instead")
         scale = grad_loss.item()  # 1 unless the loss was scaled (gradient accumulation)
         grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
         # ctx lets go, so autograd owns the only reference and adds the tied embedding's gradient in place
         ctx.grad_hidden = ctx.grad_weight = None
+        ctx.handed_out = True
         if scale != 1.0:
             grad_hidden = None if grad_hidden is None else grad_hidden.mul_(scale)
             grad_weight = None if grad_weight is None else grad_weight.mul_(scale)
