@@ -79,9 +79,11 @@ class KVCache:
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> None:
         hs = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
-        # empty, not zeros: only positions < pos are ever read, and zeroing costs a full write of the cache
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        # empty, not zeros: only positions < pos are ever read, and zeroing costs a full write of the cache;
+        # one allocation each, kept as per-layer views (picking a layer is then a tuple lookup, not an op)
+        k, v = torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype)
+        self.k = tuple(k[layer] for layer in range(config.n_layer))  # n_layer x (B, nh, max_len, hs)
+        self.v = tuple(v[layer] for layer in range(config.n_layer))
         self.pos = 0  # number of positions already filled
         self.max_len = max_len
 
@@ -105,10 +107,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
         mask, is_causal = None, T > 1
         if cache is not None:
             past = cache.pos
