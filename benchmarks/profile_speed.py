@@ -28,7 +28,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from gptlab.generate import generate
 from gptlab.linear import CPULinear, packed_weights
-from gptlab.model import GPTConfig, GPTModel, KVCache
+from gptlab.errors import GptlabError
+from gptlab.model import PRESETS, GPTConfig, GPTModel, KVCache
 from gptlab.train import TrainConfig, keep_freed_memory_mapped, lm_loss, make_optimizer
 
 # Operator-name fragments -> the group they are reported under (first match wins).
@@ -228,7 +229,7 @@ def main() -> None:
     ap.add_argument("--what", choices=["train", "decode", "floor", "kernels", "all"], default="all")
     ap.add_argument("--rounds", type=int, default=5,
                     help="rounds for --what floor and kernels (interleaved) and for train's peak-rate table")
-    ap.add_argument("--preset", default="gpt2-small")
+    ap.add_argument("--preset", default="gpt2-small", choices=list(PRESETS), help="model size (default: gpt2-small)")
     ap.add_argument("--steps", type=int, default=2, help="profiled training steps (after one warm-up step)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
@@ -277,4 +278,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except GptlabError as e:  # e.g. --seq longer than the preset's context
+        raise SystemExit(f"profile_speed.py: error: {e}")
