@@ -39,7 +39,8 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults: TrainConfig) -> No
     g.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     g.add_argument("--precision", default=defaults.precision, choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision; auto is bf16 on a capable GPU, else fp32 (default: %(default)s)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPU after a warm-up)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model: for GPUs, after a warm-up. On the CPU it loses gptlab's oneDNN "
+                   "kernels (0.55x the default at the 124M shape here; BENCHMARKS.md)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
