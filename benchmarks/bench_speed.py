@@ -468,29 +468,41 @@ def print_table(args, results, rss, device) -> None:
         print("| " + " | ".join(r + [""] * (len(header) - len(r))) + " |")
 
 
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number above zero, or a one-line usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                     help="autocast dtype for every peer (bf16/fp16 have no fast path on most CPUs)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each peer's model for training")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=positive_int, default=3)
     ap.add_argument("--quick", action="store_true",
                     help="2 rounds, 50 new tokens, 20 without cache, batch 2 x 128 training: a few minutes")
     ap.add_argument("--peers", nargs="+", choices=PEERS, default=PEERS)
-    ap.add_argument("--batch", type=int, default=4, help="training batch size")
-    ap.add_argument("--seq", type=int, default=256, help="training sequence length")
-    ap.add_argument("--prompt", type=int, default=16, help="prompt tokens for generation")
-    ap.add_argument("--gen-tokens", type=int, default=200, help="new tokens with the KV cache")
-    ap.add_argument("--nocache-tokens", type=int, default=200, help="new tokens without a cache")
-    ap.add_argument("--gen-batch", type=int, default=8)
+    ap.add_argument("--batch", type=positive_int, default=4, help="training batch size")
+    ap.add_argument("--seq", type=positive_int, default=256, help="training sequence length")
+    ap.add_argument("--prompt", type=positive_int, default=16, help="prompt tokens for generation")
+    ap.add_argument("--gen-tokens", type=positive_int, default=200, help="new tokens with the KV cache")
+    ap.add_argument("--nocache-tokens", type=positive_int, default=200, help="new tokens without a cache")
+    ap.add_argument("--gen-batch", type=positive_int, default=8)
     ap.add_argument("--skip-nocache-batch", action="store_true", help="no uncached generation at --gen-batch")
     ap.add_argument("--tasks", nargs="+", choices=["train", "gen", "ttft"], default=["train", "gen", "ttft"],
                     help="timed tasks (peak memory is separate: --skip-rss)")
     ap.add_argument("--skip-rss", action="store_true", help="no peak-memory subprocesses")
-    ap.add_argument("--matmul-n", type=int, default=2048)
-    ap.add_argument("--bw-mb", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--matmul-n", type=positive_int, default=2048)
+    ap.add_argument("--bw-mb", type=positive_int, default=512)
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="keep freed memory mapped in the timing process, as gptlab's train() does (glibc "
                          "mallopt); it applies to every peer in the process alike")

@@ -224,17 +224,29 @@ def matmul_kernels(rounds: int, n: int = 2048) -> None:
         print(f"| {name} | {2 * n**3 / statistics.median(ts) / 1e9:.0f} |")
 
 
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number above zero, or a one-line usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--what", choices=["train", "decode", "floor", "kernels", "all"], default="all")
-    ap.add_argument("--rounds", type=int, default=5,
+    ap.add_argument("--rounds", type=positive_int, default=5,
                     help="rounds for --what floor and kernels (interleaved) and for train's peak-rate table")
     ap.add_argument("--preset", default="gpt2-small", choices=list(PRESETS), help="model size (default: gpt2-small)")
-    ap.add_argument("--steps", type=int, default=2, help="profiled training steps (after one warm-up step)")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--tokens", type=int, default=32, help="profiled new tokens for decoding, batch 1")
-    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--steps", type=positive_int, default=2, help="profiled training steps (after one warm-up step)")
+    ap.add_argument("--batch", type=positive_int, default=4)
+    ap.add_argument("--seq", type=positive_int, default=256)
+    ap.add_argument("--tokens", type=positive_int, default=32, help="profiled new tokens for decoding, batch 1")
+    ap.add_argument("--top", type=positive_int, default=15)
     ap.add_argument("--trace", help="also write a Chrome trace of the last profile here")
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="keep freed memory mapped, as gptlab's train() does (glibc mallopt); without it the "
