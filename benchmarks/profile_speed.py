@@ -129,9 +129,11 @@ def train_ceiling(model: GPTModel, step, batch: int, seq: int, rounds: int) -> N
     """How far the training step is from the peak matmul rate, and what caps it.
 
     Records every oneDNN product of one step (shape, strides, time in the step), times each again on
-    its own, and sets the step's model FLOPs (6 N + 12 L T C per token, as ``bench_speed.py``) against
-    three limits: every product at its own standalone rate, every product at the 2048³ peak, and the
-    work that is not a matmul (the step minus its products), which neither limit removes.
+    its own, as the step hands it over and with both operands contiguous (what the product costs
+    without torch's copy of a transposed operand), and sets the step's model FLOPs (6 N + 12 L T C per
+    token, as ``bench_speed.py``) against four limits: every product at its own standalone rate, at its
+    contiguous-operand rate, and at the 2048³ peak, and the work that is not a matmul (the step minus
+    its products), which no limit removes.
     """
     import gptlab.linear as linear
 
@@ -159,10 +161,11 @@ def train_ceiling(model: GPTModel, step, batch: int, seq: int, rounds: int) -> N
         x_shape, _, w_shape, _, _ = key
         return 2 * math.prod(x_shape) * w_shape[0]
 
-    def alone(key: tuple) -> float:
+    def alone(key: tuple, contiguous: bool = False) -> float:
         x_shape, x_stride, w_shape, w_stride, has_bias = key
-        x = torch.empty_strided(x_shape, x_stride).normal_()
-        w = torch.empty_strided(w_shape, w_stride).normal_()
+        x = torch.empty(x_shape) if contiguous else torch.empty_strided(x_shape, x_stride)
+        w = torch.empty(w_shape) if contiguous else torch.empty_strided(w_shape, w_stride)
+        x, w = x.normal_(), w.normal_()
         b = torch.zeros(w_shape[0]) if has_bias else None
         kernel(x, w, b, "none", [], "")
         times = []
@@ -177,15 +180,17 @@ def train_ceiling(model: GPTModel, step, batch: int, seq: int, rounds: int) -> N
     print(f"\n## training step against the peak matmul rate: {rounds} steps, median {step_s:.2f} s; "
           f"oneDNN 2048³ peak {peak / 1e9:.0f} GFLOP/s\n")
     print("| product (x @ W.T), x strides / W strides | calls per step | ms per step | GFLOP/s in the step | "
-          "GFLOP/s alone |\n|---|---:|---:|---:|---:|")
-    in_step = ideal = 0.0
+          "GFLOP/s alone | GFLOP/s alone, operands contiguous |\n|---|---:|---:|---:|---:|---:|")
+    in_step = ideal = untransposed = 0.0
     for key, times in sorted(calls.items(), key=lambda kv: -sum(kv[1])):
         per_step = len(times) / rounds
         t_step, t_alone = statistics.median(times) * per_step, alone(key) * per_step
-        in_step, ideal = in_step + t_step, ideal + t_alone
+        t_contiguous = alone(key, contiguous=True) * per_step
+        in_step, ideal, untransposed = in_step + t_step, ideal + t_alone, untransposed + t_contiguous
         x_shape, x_stride, w_shape, w_stride, has_bias = key
+        rate = lambda t: f"{flops(key) * per_step / t / 1e9:.0f}"  # noqa: E731
         print(f"| {x_shape} @ {w_shape}{' + bias' if has_bias else ''}, {x_stride} / {w_stride} | {per_step:.0f} | "
-              f"{t_step * 1e3:.0f} | {flops(key) * per_step / t_step / 1e9:.0f} | {flops(key) * per_step / t_alone / 1e9:.0f} |")
+              f"{t_step * 1e3:.0f} | {rate(t_step)} | {rate(t_alone)} | {rate(t_contiguous)} |")
     cfg = model.config
     linears = [m for m in model.modules() if isinstance(m, CPULinear)]
     n_matmul = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in linears)
@@ -198,6 +203,8 @@ def train_ceiling(model: GPTModel, step, batch: int, seq: int, rounds: int) -> N
     print(f"| of which everything else (attention, norms, GELU, loss, optimizer, copies) | {rest:.2f} | |")
     print(f"| every product at its standalone rate, the rest as measured | {ideal + rest:.2f} | "
           f"{model_flops / (ideal + rest) / peak:.0%} |")
+    print(f"| every product at its rate with contiguous operands (no transposed copies), the rest as measured | "
+          f"{untransposed + rest:.2f} | {model_flops / (untransposed + rest) / peak:.0%} |")
     print(f"| every product at the 2048³ peak, the rest as measured | {product_flops / peak + rest:.2f} | "
           f"{model_flops / (product_flops / peak + rest) / peak:.0%} |")
 
