@@ -42,7 +42,16 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, make_input, args, message
     code, _, err = run(["pretrain", "--data", str(data), "--out", str(tmp_path / "run"), "--quiet", *args], capsys)
     assert code == 2
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert not (tmp_path / "run").exists()  # a run that never started leaves no directory behind
+
+
+@pytest.mark.parametrize("out", ["a-file", "a-file/run"])
+def test_out_through_a_file_is_one_clear_line(tmp_path, capsys, verdict_path, out):
+    (tmp_path / "a-file").write_text("not a directory")
+    code, _, err = run(["pretrain", "--data", str(verdict_path), "--out", str(tmp_path / out), "--preset", "tiny",
+                        "--quiet"], capsys)
+    assert code == 2 and "a-file is a file, not a directory; choose another --out" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_unknown_preset_lists_valid_ones(tmp_path, capsys):
@@ -75,3 +84,11 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "gptlab.cli", "pretrain", "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "--resume" in out and "--grad-accum" in out
+
+
+def test_option_prefixes_are_not_guessed(tmp_path, capsys):
+    # with argparse's default prefix matching, `--text` would silently become `--text-column`
+    with pytest.raises(SystemExit) as exit_info:
+        main(["classify", "--model", str(tmp_path), "--text", "hi"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --text" in capsys.readouterr().err

@@ -7,6 +7,7 @@ and list it in ``COMMANDS``.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from dataclasses import fields
@@ -531,9 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gptlab",
         description="A from-scratch GPT toolkit: tokenize, pretrain, fine-tune, generate, serve.",
         epilog="Run `gptlab COMMAND --help` for a command's options.",
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"gptlab {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # no prefix matching: `classify --text hi` must be an error, not a silent `--text-column hi`
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
     for add in COMMANDS:
         add(sub)
     return parser

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -19,8 +20,17 @@ log = logging.getLogger("gptlab")
 
 
 def prepare_out_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
-    """Refuse to train over an existing run unless asked to resume it or start it over."""
+    """Refuse to train over an existing run unless asked to resume it or start it over.
+
+    Creates nothing: the first checkpoint makes the directory, so a run that fails on its input (a
+    missing file, bad data) leaves no empty directory behind.
+    """
     out = Path(out)
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())  # what the checkpoint will build on
+    if not existing.is_dir():
+        raise GptlabError(f"{existing} is a file, not a directory; choose another --out than {out}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise GptlabError(f"{existing}: no permission to write there; choose another --out than {out}")
     exists = (out / CONFIG_FILE).exists() or (out / STATE_FILE).exists()
     if resume and not (out / STATE_FILE).exists():
         raise GptlabError(f"{out}: nothing to resume (no {STATE_FILE}); start without --resume")
@@ -29,7 +39,6 @@ def prepare_out_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
     if overwrite and not resume:
         for name in ("config.json", "model.safetensors", "train_state.pt", "metrics.csv", "loss.png"):
             (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
