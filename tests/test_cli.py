@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -92,3 +93,38 @@ def test_option_prefixes_are_not_guessed(tmp_path, capsys):
         main(["classify", "--model", str(tmp_path), "--text", "hi"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [
+    ["prepare", "{verdict}", "--out", "{tmp}/a-file/verdict.tokens"],
+    ["export", "--format", "hf", "{tmp}/run", "{tmp}/a-file"],
+])
+def test_output_blocked_by_a_file_is_one_clear_line(tmp_path, capsys, verdict_path, args):
+    from gptlab.model import GPTConfig, GPTModel
+    from gptlab.run import save_model
+    from gptlab.tokenizer import get_tokenizer
+
+    save_model(tmp_path / "run", GPTModel(GPTConfig.preset("tiny", vocab_size=50257)), get_tokenizer("gpt2"))
+    (tmp_path / "a-file").write_text("not a directory")
+    code, _, err = run([a.format(tmp=tmp_path, verdict=verdict_path) for a in args], capsys)
+    assert code == 2 and "a-file: a file stands where a directory has to be created" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name,gpus,message", [
+    ("tpu", 0, "unknown device 'tpu'"),
+    ("cuda", 0, "device 'cuda' requested but no CUDA GPU is available"),
+    ("cuda:7", 2, "device 'cuda:7' requested but there are 2 CUDA GPU(s)"),
+    ("mps", 0, "device 'mps' requested but Apple's MPS is not available"),
+])
+def test_unavailable_device_is_a_clear_error(name, gpus, message, monkeypatch):
+    import torch
+
+    from gptlab.errors import GptlabError
+    from gptlab.train import select_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)  # as on this CPU machine, everywhere
+    with pytest.raises(GptlabError, match=re.escape(message)):
+        select_device(name)

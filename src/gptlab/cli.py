@@ -552,6 +552,13 @@ def main(argv: list[str] | None = None) -> int:
     except GptlabError as e:
         print(f"gptlab {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (FileExistsError, NotADirectoryError) as e:  # mkdir met a file where a directory has to go
+        print(f"gptlab {args.command}: error: {e.filename}: a file stands where a directory has to be created; "
+              f"choose another output path", file=sys.stderr)
+        return 2
+    except OSError as e:  # permission denied, disk full, ...: the system's own words, on one line
+        print(f"gptlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

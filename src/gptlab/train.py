@@ -99,7 +99,13 @@ def select_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise GptlabError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise GptlabError("device 'cuda' requested but no CUDA GPU is available")
+        raise GptlabError(f"device {name!r} requested but no CUDA GPU is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise GptlabError(f"device {name!r} requested but there are {torch.cuda.device_count()} CUDA GPU(s), "
+                          f"numbered from 0")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                     and torch.backends.mps.is_available()):
+        raise GptlabError(f"device {name!r} requested but Apple's MPS is not available here; use --device cpu")
     return device
 
 
