@@ -345,6 +345,19 @@ def test_bind_warnings_name_non_loopback_addresses():
     assert len(bind_warnings("192.168.1.5", "secret")) == 1
 
 
+@pytest.mark.parametrize("port,message", [(None, "Address already in use"), (70000, "port 70000 is out of range")])
+def test_serve_fails_on_its_port_in_one_line_before_loading(tmp_path, capsys, port, message):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1] if port is None else port
+        # the model does not exist: the port is checked first, so its error is the one reported
+        code = main(["serve", "--model", str(tmp_path / "nope"), "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "cannot load" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_limits_are_checked():
     with pytest.raises(GptlabError, match="max_queue"):
         ServeLimits(max_queue=0)

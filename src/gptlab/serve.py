@@ -683,6 +683,25 @@ def bind_warnings(host: str, api_key: str | None) -> list[str]:
     return warnings
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (0: any free port) for uvicorn to serve on.
+
+    Bound before the model loads, so a port in use is a one-line error at once, not a uvicorn log
+    after a model has loaded and its address has been announced.
+    """
+    if not 0 <= port <= 65535:
+        raise GptlabError(f"port {port} is out of range; use 1-65535 (or 0: any free port)")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise GptlabError(f"cannot listen on {host}:{port} ({e.strerror or e}); "
+                          "choose another --port, or a --host address of this machine") from None
+    return sock
+
+
 class BackgroundServer:
     """uvicorn serving ``app`` from a daemon thread on a free port: for tests, benchmarks and notebooks.
 
@@ -693,9 +712,7 @@ class BackgroundServer:
     def __init__(self, app: FastAPI, host: str = DEFAULT_HOST, port: int = 0, log_level: str = "warning") -> None:
         import uvicorn
 
-        self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((host, port))  # bound here, so the port is known before the server starts
+        self._socket = listening_socket(host, port)  # bound here, so the port is known before the server starts
         self.app = app
         self.host, self.port = host, self._socket.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
@@ -728,9 +745,15 @@ def serve(source: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
 
     for warning in bind_warnings(host, api_key):
         log.warning(warning)
-    served = ServedModel.load(source, device=select_device(device), name=name, prompt_style=prompt_style)
-    app = create_app(served, api_key=api_key, limits=limits)
-    shown = f"[{host}]" if ":" in host else host
-    log.info("serving %s (%s) at http://%s:%d/ (chat page) and http://%s:%d/v1 (OpenAI API)%s",
-             served.name, served.kind, shown, port, shown, port, "; API key required" if api_key else "")
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2)
+    sock = listening_socket(host, port)
+    try:
+        served = ServedModel.load(source, device=select_device(device), name=name, prompt_style=prompt_style)
+        app = create_app(served, api_key=api_key, limits=limits)
+        shown = f"[{host}]" if ":" in host else host
+        port = sock.getsockname()[1]
+        log.info("serving %s (%s) at http://%s:%d/ (chat page) and http://%s:%d/v1 (OpenAI API)%s",
+                 served.name, served.kind, shown, port, shown, port, "; API key required" if api_key else "")
+        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
