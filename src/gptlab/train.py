@@ -86,12 +86,16 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def select_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA, then Apple's MPS, then the CPU."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -103,8 +107,7 @@ def select_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise GptlabError(f"device {name!r} requested but there are {torch.cuda.device_count()} CUDA GPU(s), "
                           f"numbered from 0")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
-                                     and torch.backends.mps.is_available()):
+    if device.type == "mps" and not _mps_available():
         raise GptlabError(f"device {name!r} requested but Apple's MPS is not available here; use --device cpu")
     return device
 
