@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from gptlab.generate import generate
-from gptlab.linear import CPULinear, packed_weights
+from gptlab.linear import _onednn_linear, CPULinear, packed_weights
 from gptlab.errors import GptlabError
 from gptlab.model import PRESETS, GPTConfig, GPTModel, KVCache
 from gptlab.train import TrainConfig, keep_freed_memory_mapped, lm_loss, make_optimizer
@@ -80,11 +80,17 @@ def decode_floor(model: GPTModel, rounds: int) -> None:
         return time.perf_counter() - start
 
     def matmuls(rows: int, how: str) -> float:
+        """One step's weight products: ``CPULinear`` as it chooses, or one kernel forced for every layer."""
         inputs = [torch.zeros(rows, m.in_features) for m in linears]
         if how == "F.linear":
-            return timed(lambda: [F.linear(x, m.weight, m.bias) for m, x in zip(linears, inputs)])
-        with packed_weights(model, rows) if how == "packed" else nullcontext():
-            return timed(lambda: [m(x) for m, x in zip(linears, inputs)])
+            product = lambda m, x: F.linear(x, m.weight, m.bias)  # noqa: E731
+        elif how.startswith("oneDNN"):  # what CPULinear takes for 2+ rows, forced for any
+            product = lambda m, x: _onednn_linear(  # noqa: E731
+                x, m.weight if m.packed is None else m.packed, m.bias, "none", [], "")
+        else:
+            product = lambda m, x: m(x)  # noqa: E731
+        with packed_weights(model, rows) if how.endswith("packed") else nullcontext():
+            return timed(lambda: [product(m, x) for m, x in zip(linears, inputs)])
 
     def decode(rows: int, steps: int = 8) -> float:
         cache = KVCache(model.config, rows, 16 + steps, "cpu", torch.float32)
@@ -99,6 +105,9 @@ def decode_floor(model: GPTModel, rounds: int) -> None:
     cases["read every weight matrix once (`.sum()`)"] = (lambda: timed(lambda: [m.weight.sum() for m in linears]), 1)
     cases["weight matmuls only, `CPULinear` (row blocks), 1 row"] = (lambda: matmuls(1, "plain"), 1)
     cases["weight matmuls only, `F.linear` (MKL), 1 row"] = (lambda: matmuls(1, "F.linear"), 1)
+    if _onednn_linear is not None:
+        cases["weight matmuls only, oneDNN (plain), 1 row"] = (lambda: matmuls(1, "oneDNN"), 1)
+        cases["weight matmuls only, oneDNN (packed), 1 row"] = (lambda: matmuls(1, "oneDNN packed"), 1)
     cases["whole cached decoding step, batch 1"] = (lambda: decode(1), 1)
     cases["weight matmuls only, `CPULinear` (oneDNN, packed), 8 rows"] = (lambda: matmuls(8, "packed"), 8)
     cases["weight matmuls only, `CPULinear` (oneDNN, plain), 8 rows"] = (lambda: matmuls(8, "plain"), 8)
