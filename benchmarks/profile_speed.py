@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from bench_speed import positive_int  # the sibling script (this folder is on sys.path when run)
 from gptlab.generate import generate
 from gptlab.linear import _onednn_linear, CPULinear, packed_weights
 from gptlab.errors import GptlabError
@@ -239,17 +240,6 @@ def matmul_kernels(rounds: int, n: int = 2048) -> None:
     for name, ts in times.items():
         print(f"| {name} | {2 * n**3 / statistics.median(ts) / 1e9:.0f} |")
 
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number above zero, or a one-line usage error."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def main() -> None:
