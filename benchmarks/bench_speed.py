@@ -514,7 +514,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.keep_freed_memory:
-        from gptlab.train import keep_freed_memory_mapped
+        from gptlab.device import keep_freed_memory_mapped
 
         keep_freed_memory_mapped()
     if args.child:

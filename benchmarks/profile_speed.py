@@ -31,7 +31,8 @@ from gptlab.generate import generate
 from gptlab.linear import _onednn_linear, CPULinear, packed_weights
 from gptlab.errors import GptlabError
 from gptlab.model import PRESETS, GPTConfig, GPTModel, KVCache
-from gptlab.train import TrainConfig, keep_freed_memory_mapped, lm_loss, make_optimizer
+from gptlab.device import keep_freed_memory_mapped
+from gptlab.train import TrainConfig, lm_loss, make_optimizer
 
 # Operator-name fragments -> the group they are reported under (first match wins).
 GROUPS = [

@@ -121,7 +121,7 @@ def test_unavailable_device_is_a_clear_error(name, gpus, message, monkeypatch):
     import torch
 
     from gptlab.errors import GptlabError
-    from gptlab.train import select_device
+    from gptlab.device import select_device
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)

@@ -10,7 +10,8 @@ import torch
 
 from gptlab.generate import generate, stream
 from gptlab.model import GPTConfig, GPTModel
-from gptlab.train import TrainConfig, autocast, lm_loss, make_optimizer, resolve_precision
+from gptlab.device import autocast, resolve_precision
+from gptlab.train import TrainConfig, lm_loss, make_optimizer
 
 CPU = torch.device("cpu")
 

@@ -151,7 +151,7 @@ class BPETokenizer:
 
     def save(self, directory: str | Path) -> None:
         """Write ``tokenizer.json``, tiktoken's ``bpe.tiktoken`` and GPT-2's ``encoder.json`` + ``vocab.bpe``."""
-        from gptlab.run import atomic_write_text  # imported here: gptlab.run pulls in torch
+        from gptlab.files import atomic_write_text
 
         directory = Path(directory)
         atomic_write_text(directory / TIKTOKEN_FILE, self.tiktoken_text())

@@ -13,7 +13,7 @@ import sys
 from dataclasses import fields
 
 from gptlab.errors import GptlabError
-from gptlab.train import TrainConfig
+from gptlab.config import TrainConfig
 
 log = logging.getLogger("gptlab")
 
@@ -139,7 +139,7 @@ def add_generate(sub) -> None:
 
 def run_generate(args) -> None:
     from gptlab.generate import stream_text
-    from gptlab.train import select_device
+    from gptlab.device import select_device
     from gptlab.weights import load
 
     sampling = sampling_kwargs(args)
@@ -247,7 +247,7 @@ def run_finetune_instruct(args) -> int:
 
 def _load_instruct_model(args):
     from gptlab.finetune.instruct import model_prompt_style
-    from gptlab.train import select_device
+    from gptlab.device import select_device
     from gptlab.weights import load
 
     model, tokenizer = load(args.model, device=select_device(args.device))
@@ -499,7 +499,7 @@ def add_classify(sub) -> None:
 
 def run_classify(args) -> None:
     from gptlab.finetune.classifier import Classifier, classify_file
-    from gptlab.train import select_device
+    from gptlab.device import select_device
 
     if bool(args.texts) == bool(args.input):
         raise GptlabError("give either TEXT arguments or --input FILE (one of them)")

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from gptlab.errors import GptlabError
-from gptlab.run import atomic_write
+from gptlab.files import atomic_write, decode_utf8, read_text, text_files  # noqa: F401  (read_text, text_files: re-exported)
 from gptlab.tokenizer import Tokenizer
 
 TOKEN_FILE_MAGIC = b"GPTLABTK"
@@ -29,31 +29,6 @@ BLOCK_BYTES = 1 << 22
 # Cutting a long text where a newline sits between two printable ASCII characters splits GPT-2's
 # pre-tokens exactly as the whole text would: no whitespace run or word crosses the cut.
 _SAFE_CUT = re.compile(rb"[!-~]\n(?=[!-~])")
-
-
-def text_files(path: str | Path) -> list[Path]:
-    """The file itself, or every regular non-hidden file below a folder, in sorted order."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(
-            p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
-        if not files:
-            raise GptlabError(f"{path}: folder has no files to read")
-        return files
-    raise GptlabError(f"{path}: no such file or folder")
-
-
-def _decode(block: bytes, path: Path, offset: int) -> str:
-    try:
-        return block.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise GptlabError(
-            f"{path}: not UTF-8 text (invalid byte 0x{block[e.start]:02x} at byte offset {offset + e.start}); "
-            "convert it, e.g. `iconv -f latin1 -t utf-8`"
-        ) from None
 
 
 def iter_text_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[str, int]]:
@@ -69,21 +44,10 @@ def iter_text_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[tup
             if not cuts:
                 continue
             cut = cuts[-1] + 1  # keep the newline with the left piece
-            yield _decode(pending[:cut], path, offset), cut
+            yield decode_utf8(pending[:cut], path, offset), cut
             offset, pending = offset + cut, pending[cut:]
     if pending:
-        yield _decode(pending, path, offset), len(pending)
-
-
-def read_text(path: str | Path) -> str:
-    """A whole UTF-8 text file; a missing, empty or non-UTF-8 file is a clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise GptlabError(f"{path}: no such file")
-    text = _decode(path.read_bytes(), path, 0)
-    if not text.strip():
-        raise GptlabError(f"{path}: file is empty")
-    return text
+        yield decode_utf8(pending, path, offset), len(pending)
 
 
 def _encode_files(files: list[Path], tokenizer: Tokenizer, desc: str) -> Iterator[np.ndarray]:

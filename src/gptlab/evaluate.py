@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from gptlab.errors import GptlabError
-from gptlab.run import atomic_write
+from gptlab.files import atomic_write
 
 log = logging.getLogger("gptlab")
 

@@ -8,69 +8,15 @@ C channels (``n_embd``), nh heads, hs head size, V vocabulary. ``CPULinear`` (``
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptlab.config import PRESETS, GPTConfig  # noqa: F401  (PRESETS: re-exported for the API)
 from gptlab.errors import GptlabError
 from gptlab.linear import CPULinear
-
-
-@dataclass(frozen=True)
-class GPTConfig:
-    vocab_size: int = 50257
-    context_length: int = 1024
-    n_embd: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    dropout: float = 0.0
-    qkv_bias: bool = True
-    tie_weights: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "context_length", "n_embd", "n_layer", "n_head"):
-            if getattr(self, name) <= 0:
-                raise GptlabError(f"model config: {name} must be positive, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise GptlabError(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise GptlabError(f"model config: dropout must be in [0, 1), got {self.dropout}")
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "GPTConfig":
-        """A named configuration, with any field overridden: ``GPTConfig.preset("gpt2-small", dropout=0.1)``."""
-        if name not in PRESETS:
-            raise GptlabError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        unknown = set(overrides) - {f.name for f in fields(cls)}
-        if unknown:
-            raise GptlabError(f"unknown config field(s) {sorted(unknown)}; valid: {[f.name for f in fields(cls)]}")
-        return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-PRESETS: dict[str, GPTConfig] = {
-    # Test-sized: runs a training step in milliseconds.
-    "tiny": GPTConfig(context_length=64, n_embd=32, n_layer=2, n_head=2),
-    "mini": GPTConfig(context_length=128, n_embd=192, n_layer=4, n_head=4),
-    # What `make demo` trains on the-verdict.txt. The 50,257-wide output head costs most of the compute at
-    # this width, so depth is cheap: 8 layers memorise the text in fewer tokens than 4 wider ones would.
-    "demo": GPTConfig(context_length=128, n_embd=192, n_layer=8, n_head=3),
-    "small": GPTConfig(context_length=256, n_embd=384, n_layer=6, n_head=6),
-    # OpenAI's GPT-2 sizes (Hugging Face: openai-community/gpt2, -medium, -large, -xl).
-    "gpt2-small": GPTConfig(),
-    "gpt2-medium": GPTConfig(n_embd=1024, n_layer=24, n_head=16),
-    "gpt2-large": GPTConfig(n_embd=1280, n_layer=36, n_head=20),
-    "gpt2-xl": GPTConfig(n_embd=1600, n_layer=48, n_head=25),
-}
 
 
 class KVCache:

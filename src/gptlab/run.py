@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptlab.errors import GptlabError
+from gptlab.files import atomic_write, atomic_write_text
 from gptlab.model import GPTConfig, GPTModel
 from gptlab.tokenizer import Tokenizer, get_tokenizer
 
@@ -34,24 +33,7 @@ METRICS_FILE = "metrics.csv"
 PLOT_FILE = "loss.png"
 TOKENIZER_DIR = "tokenizer"
 BUILTIN_TOKENIZERS = ("gpt2",)
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, then rename the result onto ``path`` (atomic on POSIX and Windows)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, METRICS_FILE, PLOT_FILE)  # what --overwrite removes
 
 
 def model_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
@@ -138,3 +120,26 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[G
     load_model_weights(model, state, weights, assign=True)
     tokenizer = get_tokenizer(config["tokenizer"], base_dir=run_dir)
     return model.eval(), tokenizer, config
+
+
+def prepare_out_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
+    """Refuse to train over an existing run unless asked to resume it or start it over.
+
+    Creates nothing: the first checkpoint makes the directory, so a run that fails on its input (a
+    missing file, bad data) leaves no empty directory behind.
+    """
+    out = Path(out)
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())  # what the checkpoint will build on
+    if not existing.is_dir():
+        raise GptlabError(f"{existing} is a file, not a directory; choose another --out than {out}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise GptlabError(f"{existing}: no permission to write there; choose another --out than {out}")
+    exists = (out / CONFIG_FILE).exists() or (out / STATE_FILE).exists()
+    if resume and not (out / STATE_FILE).exists():
+        raise GptlabError(f"{out}: nothing to resume (no {STATE_FILE}); start without --resume")
+    if exists and not (resume or overwrite):
+        raise GptlabError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
+    if overwrite and not resume:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    return out

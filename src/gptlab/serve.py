@@ -741,7 +741,7 @@ def serve(source: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
     """Load ``source`` and serve it until interrupted (``gptlab serve``)."""
     import uvicorn
 
-    from gptlab.train import select_device
+    from gptlab.device import select_device
 
     for warning in bind_warnings(host, api_key):
         log.warning(warning)

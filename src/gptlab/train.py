@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import ctypes
 import io
 import logging
 import math
@@ -27,53 +26,19 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from gptlab.data import EpochBatchSampler
+from gptlab.config import TrainConfig
+from gptlab.device import autocast, resolve_precision, select_device, to_device
 from gptlab.errors import GptlabError
+from gptlab.files import atomic_write_text
 from gptlab.linear import CPULinear, linear_product
 from gptlab.model import GPTModel
-from gptlab.run import METRICS_FILE, PLOT_FILE, STATE_FILE, atomic_write, atomic_write_text, save_model
+from gptlab.files import atomic_write
+from gptlab.run import METRICS_FILE, PLOT_FILE, STATE_FILE, save_model
 from gptlab.tokenizer import Tokenizer
 
 log = logging.getLogger("gptlab")
 
 LossFn = Callable[[torch.nn.Module, tuple], torch.Tensor]
-
-
-@dataclass
-class TrainConfig:
-    """How to train; a stage fills in what it knows and the user overrides the rest."""
-
-    epochs: float | None = 1.0  # ignored when max_steps is set
-    max_steps: int | None = None  # optimizer steps
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 4e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 0
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float | None = 1.0
-    eval_interval: int = 50  # optimizer steps between evaluations (and checkpoints)
-    log_interval: int | None = None  # steps between train-loss rows in metrics.csv; None: at evaluations only
-    eval_batches: int | None = None  # None: the whole validation set
-    seed: int = 123
-    shuffle: bool = True
-    device: str = "auto"
-    precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16 on CUDA that supports it, else fp32)
-    compile: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "eval_interval", "log_interval"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise GptlabError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.max_steps is None and (self.epochs is None or self.epochs <= 0):
-            raise GptlabError("give a positive number of epochs or max-steps")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise GptlabError(f"max-steps must be positive, got {self.max_steps}")
-        if self.lr <= 0:
-            raise GptlabError(f"learning rate must be positive, got {self.lr}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise GptlabError(f"precision must be one of auto, fp32, bf16, fp16; got {self.precision!r}")
-        self.betas = tuple(self.betas)
 
 
 @dataclass
@@ -84,62 +49,6 @@ class TrainResult:
     val_loss: float | None
     interrupted: bool
     history: list[dict] = field(default_factory=list)
-
-
-def _mps_available() -> bool:
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple's MPS, then the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if _mps_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise GptlabError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GptlabError(f"device {name!r} requested but no CUDA GPU is available; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise GptlabError(f"device {name!r} requested but there are {torch.cuda.device_count()} CUDA GPU(s), "
-                          f"numbered from 0")
-    if device.type == "mps" and not _mps_available():
-        raise GptlabError(f"device {name!r} requested but Apple's MPS is not available here; use --device cpu")
-    return device
-
-
-def keep_freed_memory_mapped() -> None:
-    """Stop glibc from returning large freed blocks to the OS between steps (Linux, CPU training).
-
-    Activations, logits and gradients are allocated and freed every step. glibc serves blocks above
-    32 MB with mmap and unmaps them on free, so the next step page-faults and zeroes them again:
-    measured here, that was 35-65% of a small model's training step. Serving them from the heap, and
-    never trimming it, keeps the pages mapped. Elsewhere (macOS, musl, Windows) this does nothing.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4
-        libc.mallopt(m_mmap_max, 0)
-        libc.mallopt(m_trim_threshold, 2**31 - 1)
-    except (OSError, AttributeError):
-        pass
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain float32. CPUs without bf16 units run it ~100x slower."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 HEAD_LOSS_CHUNK = 256  # rows of logits at a time: 51 MB at GPT-2 vocabulary; 64-1024 ran alike
@@ -259,16 +168,6 @@ def evaluate_loss(model: torch.nn.Module, loader: DataLoader, loss_fn: LossFn, d
     return total / max(count, 1)
 
 
-def to_device(batch, device: torch.device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
 class _StopRequest:
     """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so it can checkpoint and exit."""
 
@@ -361,8 +260,6 @@ def train(
     """
     out_dir = Path(out_dir)
     device = select_device(config.device)
-    if device.type == "cpu":
-        keep_freed_memory_mapped()
     amp_dtype = resolve_precision(config.precision, device)
     model.to(device).train()
     torch.manual_seed(config.seed)

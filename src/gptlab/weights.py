@@ -37,7 +37,8 @@ from safetensors.torch import save_file
 
 from gptlab.errors import GptlabError
 from gptlab.model import GPTConfig, GPTModel
-from gptlab.run import BUILTIN_TOKENIZERS, CONFIG_FILE, atomic_write, atomic_write_text, load_model_weights, load_run
+from gptlab.files import atomic_write, atomic_write_text
+from gptlab.run import BUILTIN_TOKENIZERS, CONFIG_FILE, load_model_weights, load_run
 from gptlab.tokenizer import Tokenizer, get_tokenizer
 
 log = logging.getLogger("gptlab")
@@ -494,3 +495,18 @@ def _load_book_pth(path: Path, expect: GPTConfig | None) -> tuple[GPTModel, Toke
     config = _book_config(state, path, expect)
     return _assemble(config, state, path), _gpt2_tokenizer(config, path)
 
+
+def build_model(preset: str, init: str | None, tokenizer_name: str | None,
+                overrides: dict) -> tuple[GPTModel, Tokenizer]:
+    """A fresh model from a preset (sized to the tokenizer's vocabulary), or a loaded one from ``init``."""
+    if init is not None:
+        model, tokenizer = load(init)
+        changed = {k: v for k, v in overrides.items() if v is not None and getattr(model.config, k) != v}
+        if "dropout" in changed:
+            model.set_dropout(changed.pop("dropout"))
+        if changed:
+            raise GptlabError(f"--init {init}: cannot change {sorted(changed)} of a trained model")
+        return model.train(), tokenizer
+    tokenizer = get_tokenizer(tokenizer_name or "gpt2")
+    config = GPTConfig.preset(preset, **{"vocab_size": tokenizer.n_vocab, **overrides})
+    return GPTModel(config), tokenizer

@@ -37,10 +37,12 @@ from gptlab.data import read_text
 from gptlab.errors import GptlabError
 from gptlab.evaluate import ClassificationReport, classification_report, plot_confusion_matrix
 from gptlab.model import GPTModel
-from gptlab.pretrain import build_model, prepare_out_dir
-from gptlab.run import METRICS_FILE, atomic_write_text, load_run, read_run_config
+from gptlab.files import atomic_write_text
+from gptlab.run import METRICS_FILE, load_run, prepare_out_dir, read_run_config
+from gptlab.weights import build_model
 from gptlab.tokenizer import Tokenizer
-from gptlab.train import MetricsLog, TrainConfig, TrainResult, select_device, to_device, train
+from gptlab.device import select_device, to_device
+from gptlab.train import MetricsLog, TrainConfig, TrainResult, train
 
 log = logging.getLogger("gptlab")
 

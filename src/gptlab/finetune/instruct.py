@@ -26,11 +26,13 @@ from gptlab.data import read_text
 from gptlab.errors import GptlabError
 from gptlab.generate import generate_text
 from gptlab.model import GPTModel
-from gptlab.pretrain import build_model, prepare_out_dir
 from gptlab.prompts import PromptStyle, get_prompt_style
-from gptlab.run import CONFIG_FILE, atomic_write_text, read_run_config
+from gptlab.files import atomic_write_text
+from gptlab.run import CONFIG_FILE, prepare_out_dir, read_run_config
+from gptlab.weights import build_model
 from gptlab.tokenizer import Tokenizer
-from gptlab.train import TrainConfig, TrainResult, evaluate_loss, lm_loss, select_device, train
+from gptlab.device import select_device
+from gptlab.train import TrainConfig, TrainResult, evaluate_loss, lm_loss, train
 
 log = logging.getLogger("gptlab")
 
