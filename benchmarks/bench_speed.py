@@ -70,7 +70,7 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
-    from gptlab.train import autocast as gptlab_autocast
+    from gptlab.device import autocast as gptlab_autocast
 
     return gptlab_autocast(device, dtype)
 
@@ -85,8 +85,12 @@ def peak_matmul_flops(device: torch.device, dtype: torch.dtype | None, n: int, r
     a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
     b = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
     kernels = {"blas": lambda: a @ b}
-    if device.type == "cpu" and dtype is None and torch.backends.mkldnn.is_available():
-        kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    if device.type == "cpu" and dtype is None:
+        from gptlab.linear import onednn_kernels
+
+        onednn = onednn_kernels().linear  # None where this torch lacks it
+        if onednn is not None:
+            kernels["onednn"] = lambda: onednn(a, b, None, "none", [], "")
     rates = {}
     for name, fn in kernels.items():
         fn()
@@ -120,8 +124,9 @@ def weight_bytes_per_token(bytes_per_param: int) -> int:
 
 class GptlabPeer:
     def __init__(self, device, dtype, compile_model: bool, train: bool = True):
+        from gptlab.config import TrainConfig
         from gptlab.model import GPTConfig, GPTModel
-        from gptlab.train import TrainConfig, make_optimizer
+        from gptlab.train import make_optimizer
 
         self.device, self.dtype = device, dtype
         self.model = GPTModel(GPTConfig.preset("gpt2-small")).to(device)
@@ -504,8 +509,9 @@ def main() -> None:
     ap.add_argument("--bw-mb", type=positive_int, default=512)
     ap.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="keep freed memory mapped in the timing process, as gptlab's train() does (glibc "
-                         "mallopt); it applies to every peer in the process alike")
+                    help="keep freed memory mapped in the timing process (glibc mallopt, "
+                         "gptlab.device.keep_freed_memory_mapped), as the gptlab command does for training; "
+                         "train() alone does not. It applies to every peer in the process alike")
     ap.add_argument("--child", nargs=2, metavar=("PEER", "TASK"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:  # new defaults; what the command line gives still wins

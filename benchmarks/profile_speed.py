@@ -1,7 +1,7 @@
 """Where gptlab's time goes: ``torch.profiler`` over training steps and cached decoding steps.
 
     python benchmarks/profile_speed.py                       # GPT-2 124M shape, CPU, float32
-    python benchmarks/profile_speed.py --what train --keep-freed-memory   # as train() runs; + peak-rate table
+    python benchmarks/profile_speed.py --what train --keep-freed-memory   # as `gptlab pretrain` runs; + peak-rate table
     python benchmarks/profile_speed.py --what decode --trace decode.json   # open in chrome://tracing
     python benchmarks/profile_speed.py --what floor          # decoding against the memory floor
     python benchmarks/profile_speed.py --what kernels        # torch's BLAS (MKL) against oneDNN
@@ -27,12 +27,13 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from bench_speed import positive_int  # the sibling script (this folder is on sys.path when run)
-from gptlab.generate import generate
-from gptlab.linear import _onednn_linear, CPULinear, packed_weights
-from gptlab.errors import GptlabError
-from gptlab.model import PRESETS, GPTConfig, GPTModel, KVCache
+from gptlab.config import TrainConfig
 from gptlab.device import keep_freed_memory_mapped
-from gptlab.train import TrainConfig, lm_loss, make_optimizer
+from gptlab.errors import GptlabError
+from gptlab.generate import generate
+from gptlab.linear import CPULinear, _onednn_linear, onednn_kernels, packed_weights
+from gptlab.model import PRESETS, GPTConfig, GPTModel, KVCache
+from gptlab.train import lm_loss, make_optimizer
 
 # Operator-name fragments -> the group they are reported under (first match wins).
 GROUPS = [
@@ -87,8 +88,7 @@ def decode_floor(model: GPTModel, rounds: int) -> None:
         if how == "F.linear":
             product = lambda m, x: F.linear(x, m.weight, m.bias)  # noqa: E731
         elif how.startswith("oneDNN"):  # what CPULinear takes for 2+ rows, forced for any
-            product = lambda m, x: _onednn_linear(  # noqa: E731
-                x, m.weight if m.packed is None else m.packed, m.bias, "none", [], "")
+            product = lambda m, x: _onednn_linear(x, m.weight if m.packed is None else m.packed, m.bias)  # noqa: E731
         else:
             product = lambda m, x: m(x)  # noqa: E731
         with packed_weights(model, rows) if how.endswith("packed") else nullcontext():
@@ -97,9 +97,9 @@ def decode_floor(model: GPTModel, rounds: int) -> None:
     def decode(rows: int, steps: int = 8) -> float:
         cache = KVCache(model.config, rows, 16 + steps, "cpu", torch.float32)
         with packed_weights(model, rows) if rows > 1 else nullcontext():  # as generate() does
-            model(torch.randint(0, V, (rows, 16)), cache, last_only=True)  # the prompt: not timed
+            model(torch.randint(0, V, (rows, 16)), cache=cache, last_only=True)  # the prompt: not timed
             new = torch.randint(0, V, (rows, 1))
-            return timed(lambda: [model(new, cache, last_only=True) for _ in range(steps)]) / steps
+            return timed(lambda: [model(new, cache=cache, last_only=True) for _ in range(steps)]) / steps
 
     probe = torch.ones(512 * 2**20 // 4)  # bench_speed.py's bandwidth probe, scaled below to the weights' bytes
     cases = {"bench_speed.py's probe: one 512 MB `.sum()`, per weight byte":
@@ -107,7 +107,7 @@ def decode_floor(model: GPTModel, rounds: int) -> None:
     cases["read every weight matrix once (`.sum()`)"] = (lambda: timed(lambda: [m.weight.sum() for m in linears]), 1)
     cases["weight matmuls only, `CPULinear` (row blocks), 1 row"] = (lambda: matmuls(1, "plain"), 1)
     cases["weight matmuls only, `F.linear` (MKL), 1 row"] = (lambda: matmuls(1, "F.linear"), 1)
-    if _onednn_linear is not None:
+    if onednn_kernels().linear is not None:  # forced, so also where GPTLAB_ONEDNN=0 keeps CPULinear off it
         cases["weight matmuls only, oneDNN (plain), 1 row"] = (lambda: matmuls(1, "oneDNN"), 1)
         cases["weight matmuls only, oneDNN (packed), 1 row"] = (lambda: matmuls(1, "oneDNN packed"), 1)
     cases["whole cached decoding step, batch 1"] = (lambda: decode(1), 1)
@@ -148,12 +148,15 @@ def train_ceiling(model: GPTModel, step, batch: int, seq: int, rounds: int) -> N
     """
     import gptlab.linear as linear
 
+    if not CPULinear.use_onednn:
+        print("\n## training step against the peak matmul rate: skipped, oneDNN's linear is not in use here")
+        return
     kernel = linear._onednn_linear
     calls: dict[tuple, list[float]] = defaultdict(list)
 
-    def recorded(x, w, b, *args):
+    def recorded(x, w, b):
         start = time.perf_counter()
-        y = kernel(x, w, b, *args)
+        y = kernel(x, w, b)
         calls[(tuple(x.shape), x.stride(), tuple(w.shape), w.stride(), b is not None)].append(time.perf_counter() - start)
         return y
 
@@ -178,11 +181,11 @@ def train_ceiling(model: GPTModel, step, batch: int, seq: int, rounds: int) -> N
         w = torch.empty(w_shape) if contiguous else torch.empty_strided(w_shape, w_stride)
         x, w = x.normal_(), w.normal_()
         b = torch.zeros(w_shape[0]) if has_bias else None
-        kernel(x, w, b, "none", [], "")
+        kernel(x, w, b)
         times = []
         for _ in range(max(3, rounds)):
             start = time.perf_counter()
-            kernel(x, w, b, "none", [], "")
+            kernel(x, w, b)
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
@@ -224,9 +227,9 @@ def matmul_kernels(rounds: int, n: int = 2048) -> None:
     """The float32 matmul rate of torch's default BLAS (MKL here) against oneDNN, also inside torch."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     kernels = {"`a @ b` (torch's BLAS: MKL)": lambda: a @ b}
-    if torch.backends.mkldnn.is_available():
-        kernels["oneDNN (`torch.ops.mkldnn._linear_pointwise`)"] = (
-            lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    onednn = onednn_kernels().linear  # None where this torch lacks it
+    if onednn is not None:
+        kernels["oneDNN (`torch.ops.mkldnn._linear_pointwise`)"] = lambda: onednn(a, b, None, "none", [], "")
     times: dict[str, list[float]] = defaultdict(list)
     for fn in kernels.values():
         fn()
@@ -255,8 +258,9 @@ def main() -> None:
     ap.add_argument("--top", type=positive_int, default=15)
     ap.add_argument("--trace", help="also write a Chrome trace of the last profile here")
     ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="keep freed memory mapped, as gptlab's train() does (glibc mallopt); without it the "
-                         "training profile counts page faults in fill_ and copy_")
+                    help="keep freed memory mapped (glibc mallopt, gptlab.device.keep_freed_memory_mapped), as "
+                         "the gptlab command does for training; train() alone does not. Without it the training "
+                         "profile counts page faults in fill_ and copy_")
     args = ap.parse_args()
     if args.keep_freed_memory:
         keep_freed_memory_mapped()

@@ -278,3 +278,58 @@ def test_whitespace_only_corpus_is_empty(tmp_path):
     corpus.write_text("\n \n\t\n")
     with pytest.raises(GptlabError, match="empty \\(or only whitespace\\)"):
         train_bpe_files([corpus], vocab_size=300)
+
+
+# --- layering, streaming blocks, fingerprints ------------------------------------------------------------------
+
+def test_bpe_imports_nothing_above_files():
+    import subprocess
+    import sys
+
+    import gptlab.bpe
+
+    source = Path(gptlab.bpe.__file__).read_text(encoding="utf-8")
+    imported = set(regex.findall(r"^\s*(?:from|import) (gptlab[\w.]*)", source, flags=regex.M))
+    assert imported <= {"gptlab.errors", "gptlab.files"}, imported
+    loaded = subprocess.run([sys.executable, "-c", "import gptlab.bpe, sys; print(*sys.modules)"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert "gptlab.tokenizer" not in loaded and "torch" not in loaded
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=texts, size=st.integers(1, 30))
+def test_blocks_rejoin_and_never_cut_a_special_token(text, size):
+    from gptlab.bpe import text_blocks
+
+    chunks = [text[i : i + size] for i in range(0, len(text), size)]
+    blocks = list(text_blocks(chunks, keep_whole=["<|endoftext|>"]))
+    assert "".join(blocks) == text
+    assert sum(b.count("<|endoftext|>") for b in blocks) == text.count("<|endoftext|>")
+
+
+def test_pretoken_counts_stream_a_corpus_without_newlines_in_bounded_blocks(tmp_path):
+    from gptlab.bpe import read_text_chunks, text_blocks
+
+    corpus = tmp_path / "line.txt"
+    line = (DATA / "the-verdict.txt").read_text(encoding="utf-8").replace("\n", " ")
+    corpus.write_text(line, encoding="utf-8")
+    blocks = list(text_blocks(read_text_chunks(corpus, chunk_bytes=1 << 10)))
+    assert len(blocks) > 15 and max(map(len, blocks)) < 1100  # one read plus a part word
+    assert count_pretokens(read_text_chunks(corpus, chunk_bytes=1 << 10)) == Counter(regex.findall(GPT2_PATTERN, line))
+
+
+def test_missing_corpus_file():
+    with pytest.raises(GptlabError, match="nope.txt: corpus file not found"):
+        train_bpe_files([DATA / "nope.txt"], 300)
+
+
+def test_fingerprints_tell_vocabularies_apart(gpt2_scratch, verdict_bpe, tmp_path):
+    gpt2 = get_tokenizer("gpt2")
+    assert gpt2_scratch.fingerprint == gpt2.fingerprint  # the same ids mean the same bytes
+    assert len(verdict_bpe.fingerprint) == 16 and int(verdict_bpe.fingerprint, 16) >= 0
+    verdict_bpe.save(tmp_path / "tok")
+    assert get_tokenizer(tmp_path / "tok").fingerprint == verdict_bpe.fingerprint
+    other_specials = BPETokenizer(verdict_bpe.ranks, {"<|end|>": 699})
+    assert other_specials.fingerprint != verdict_bpe.fingerprint
+    shorter = train_bpe_files([DATA / "the-verdict.txt"], 699)
+    assert shorter.fingerprint != verdict_bpe.fingerprint

@@ -10,10 +10,9 @@ from conftest import DATA
 from gptlab.cli import main
 from gptlab.errors import GptlabError
 from gptlab.evaluate import classification_report, confusion_matrix, plot_confusion_matrix
-from gptlab.finetune.classifier import (
-    Classifier, PadCollate, add_classifier_head, last_token_logits, read_labeled_file, select_trainable,
-    split_examples,
-)
+from gptlab.classification_data import PadCollate, read_labeled_file, split_examples
+from gptlab.classify import Classifier, last_token_logits
+from gptlab.surgery import add_classifier_head, select_trainable
 from gptlab.model import GPTConfig, GPTModel
 from gptlab.run import load_run, read_run_config
 
@@ -280,3 +279,75 @@ def test_classify_refuses_a_language_model_run(tmp_path, capsys):
     save_model(tmp_path / "lm", GPTModel(GPTConfig.preset("tiny")), get_tokenizer("gpt2"), {"stage": "pretrain"})
     assert main(["classify", "--model", str(tmp_path / "lm"), "hello"]) == 2
     assert "not a classifier run (stage 'pretrain')" in capsys.readouterr().err
+
+
+# ---- the house: seeding, surgery, records, plots ----------------------------------------------------
+
+def test_from_scratch_runs_with_one_seed_are_identical_whatever_the_global_rng(tmp_path):
+    from gptlab.finetune.classifier import finetune_classifier
+    from gptlab.train import TrainConfig
+
+    data = write_csv(tmp_path / "d.csv", synthetic_rows(8, classes=("ham", "spam")))
+    config = TrainConfig(max_steps=2, eval_interval=2, batch_size=8, lr=3e-3, seed=7, device="cpu")
+    weights = []
+    for global_seed, name in ((1, "a"), (2, "b")):  # the stage must seed itself, not rely on the caller's RNG
+        torch.manual_seed(global_seed)
+        finetune_classifier(data, tmp_path / name, config, progress=False)
+        weights.append(load_file(tmp_path / name / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    other = TrainConfig(**{**config.__dict__, "seed": 8})
+    finetune_classifier(data, tmp_path / "c", other, progress=False)
+    assert not torch.equal(load_file(tmp_path / "c" / "model.safetensors")["wte.weight"], weights[0]["wte.weight"])
+
+
+def test_rebuild_head_from_the_run_config():
+    from gptlab.surgery import rebuild_head
+
+    with torch.device("meta"):  # as the run loader builds a model: the head gets no values to overwrite
+        model = GPTModel(GPTConfig.preset("tiny", vocab_size=100))
+    rng = torch.get_rng_state()
+    rebuild_head(model, {"stage": "classifier", "labels": ["a", "b", "c"]})
+    assert torch.equal(torch.get_rng_state(), rng)  # nothing drawn from the global generator
+    assert model.lm_head.weight.shape == (3, 32) and model.lm_head.bias.shape == (3,)
+    assert model.lm_head.weight.device.type == "meta" and model.lm_head.weight is not model.wte.weight
+    lm = GPTModel(GPTConfig.preset("tiny", vocab_size=100))
+    head = lm.lm_head
+    assert rebuild_head(lm, {"stage": "pretrain"}).lm_head is head  # a language model keeps its head
+    with pytest.raises(GptlabError, match="at least 2"):
+        rebuild_head(lm, {"labels": ["only"]})
+
+
+def test_trainable_parts_are_the_command_lines_choices():
+    from gptlab.config import TRAINABLE_CHOICES
+    from gptlab.surgery import TRAINABLE_PARTS
+
+    assert tuple(TRAINABLE_PARTS) == TRAINABLE_CHOICES
+
+
+def test_reads_a_pretty_printed_json_list_with_real_line_numbers(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"text": "hi", "label": "a"}, {"text": "yo", "label": "b"}, {"text": " "}], indent=2))
+    with pytest.raises(GptlabError, match=r"d.json line 10: no label key 'label'"):
+        read_labeled_file(path)
+    path.write_text(json.dumps([{"text": "hi", "label": "a"}, {"text": "", "label": "b"}], indent=2))
+    with pytest.raises(GptlabError, match=r"1 empty text\(s\) in column 'text' at line\(s\) 6"):
+        read_labeled_file(path)
+    path.write_text(json.dumps([{"text": "hi", "label": "a"}, ["yo", "b"]], indent=1))
+    with pytest.raises(GptlabError, match=r"d.json line 6: record 1 is a list, not an object with 'text' and 'label'"):
+        read_labeled_file(path)
+
+
+def test_plots_leave_matplotlibs_global_state_alone(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom gptlab.evaluate import classification_report, plot_confusion_matrix, plot_score_histogram\n"
+            f"plot_confusion_matrix(classification_report([0, 1, 1], [0, 1, 0], ['a', 'b']), {str(tmp_path / 'c.png')!r})\n"
+            f"plot_score_histogram([10, 50, 90], {str(tmp_path / 'h.png')!r})\n"
+            "print('matplotlib.pyplot' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"  # no pyplot, so no backend switched and no figure left open
+    for name in ("c.png", "h.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

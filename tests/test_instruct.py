@@ -11,17 +11,16 @@ from gptlab.bpe import train_bpe
 from gptlab.chat import chat, fit_conversation
 from gptlab.cli import main
 from gptlab.errors import GptlabError
-from gptlab.finetune.instruct import (
+from gptlab.finetune.instruct import finetune_instruct
+from gptlab.instruction_data import (
     InstructionDataset,
     InstructionExample,
     collate_instructions,
     default_data_path,
-    finetune_instruct,
     load_instruction_records,
-    model_prompt_style,
-    respond,
     split_records,
 )
+from gptlab.respond import model_prompt_style, respond
 from gptlab.prompts import ALPACA, PHI3, get_prompt_style
 from gptlab.run import load_run
 from gptlab.tokenizer import get_tokenizer
@@ -286,3 +285,61 @@ def test_fit_conversation_drops_the_oldest_turns(tok):
     assert dropped == 2 and kept == messages[2:] and prompt == PHI3.prompt("three")
     with pytest.raises(GptlabError, match="must fit in 3"):
         fit_conversation(PHI3, tok, [{"role": "user", "content": "a long message"}], budget=3)
+
+
+# ---- the house: one JSON reader, seeding ----------------------------------------------------------
+
+def test_records_name_their_real_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}], indent=2))
+    with pytest.raises(GptlabError, match=r"record 1 \(line 6\) has no 'output'"):
+        load_instruction_records(path)
+    path.write_text('[{"instruction": "a", "output": "b"},\n\n 7]')
+    with pytest.raises(GptlabError, match=r"d.json line 3: record 1 is an int, not an object with 'instruction'"):
+        load_instruction_records(path)
+    path.write_text('{\n  "instruction": "a",\n  "output": "b"\n}\n')  # one object, pretty-printed
+    with pytest.raises(GptlabError, match=r"one JSON object, not a list of records; put the records in a list"):
+        load_instruction_records(path)
+    for bad in ('[{"instruction": "a", "output": "b"} {"instruction": "c"}]', '[{"instruction": "a", "output": "b"},]',
+                '[{"instruction": "a", "output": "b"}] extra'):
+        path.write_text(bad)
+        with pytest.raises(GptlabError, match=r"d.json: not valid JSON \(line 1"):
+            load_instruction_records(path)
+
+
+def test_jsonl_keeps_unicode_line_separators_inside_texts(tmp_path):
+    path = tmp_path / "d.jsonl"
+    records = [{"instruction": "a\u2028b", "output": "c\u2029d"}, {"instruction": "e", "output": "f"}]
+    path.write_text("\ufeff" + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    assert load_instruction_records(path) == [{**r, "input": ""} for r in records]
+
+
+def test_runs_from_a_preset_with_one_seed_are_identical_whatever_the_global_rng(tmp_path):
+    from safetensors.torch import load_file
+
+    records = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("yes", "no", "maybe", "so")] * 3
+    data = write_json(tmp_path / "d.json", records)
+    config = TrainConfig(max_steps=2, eval_interval=2, batch_size=4, lr=1e-3, seed=5, device="cpu")
+    weights = []
+    for global_seed, name in ((1, "a"), (2, "b")):  # the stage must seed itself, not rely on the caller's RNG
+        torch.manual_seed(global_seed)
+        finetune_instruct(data, tmp_path / name, config, preset="tiny", progress=False)
+        weights.append(load_file(tmp_path / name / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+def test_resume_replays_the_stored_settings(tmp_path):
+    from gptlab.run import read_run_config
+
+    records = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("yes", "no", "maybe", "so")] * 3
+    data = write_json(tmp_path / "d.json", records)
+    out = tmp_path / "run"
+    first = TrainConfig(max_steps=1, eval_interval=1, batch_size=4, device="cpu")
+    finetune_instruct(data, out, first, preset="tiny", prompt_style="phi3", mask_prompt=True, progress=False)
+    more = TrainConfig(**{**first.__dict__, "max_steps": 2})
+    result = finetune_instruct(None, out, more, resume=True, progress=False)  # no settings given: the run's
+    config = read_run_config(out)
+    assert result.step == 2 and config["prompt_style"] == "phi3" and config["mask_prompt"] is True
+    assert config["instruct"]["data"] == str(data) and config["instruct"]["preset"] == "tiny"

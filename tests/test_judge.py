@@ -160,6 +160,16 @@ def test_judges_over_chat_completions(judge_server, tmp_path):
     assert sleeps == []
 
 
+def test_judge_prompt_is_the_books():
+    # the task is laid out by gptlab.prompts.ALPACA, the style the book's format_input spells out again
+    from llms_from_scratch.ch07 import format_input
+
+    for r in records(2):
+        assert judge_prompt(r) == (f"Given the input `{format_input(r)}` and correct output `{r['output']}`, "
+                                   f"score the model response `{r['model_response']}` on a scale from 0 to 100, "
+                                   "where 100 is the best score. Respond with the integer number only.")
+
+
 def test_retries_server_errors_and_rate_limits_with_backoff(judge_server):
     judge_server.script = [("status", 500), ("status", 429), ("garbage",)]
     c, sleeps = client(judge_server, retries=3)

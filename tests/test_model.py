@@ -61,7 +61,7 @@ def test_kv_cache_prefill_in_chunks_matches_full_forward():
     idx = torch.randint(0, 97, (2, 20))
     full = model(idx)
     cache = KVCache(model.config, 2, model.config.context_length, "cpu", torch.float32)
-    parts = [model(idx[:, :7], cache), model(idx[:, 7:8], cache), model(idx[:, 8:20], cache)]
+    parts = [model(idx[:, :7], cache=cache), model(idx[:, 7:8], cache=cache), model(idx[:, 8:20], cache=cache)]
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
 
 
@@ -108,7 +108,7 @@ def record_kernels(monkeypatch) -> list[str]:
 def test_cpu_linear_equals_f_linear(rows, bias, out_features, use_onednn, monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setattr(CPULinear, "min_weight_numel", 0)  # test-sized weights take the row-block path
-    monkeypatch.setattr(CPULinear, "use_onednn", use_onednn and torch.backends.mkldnn.is_available())
+    monkeypatch.setattr(CPULinear, "use_onednn", use_onednn and CPULinear.use_onednn)  # False where oneDNN is not
     layer = CPULinear(48, out_features, bias=bias)
     x = torch.randn(rows, 1, 48)
     kernels = record_kernels(monkeypatch)
@@ -152,7 +152,8 @@ def test_onednn_training_path_matches_f_linear_values_and_gradients(bias, x_need
 
 
 def test_training_on_onednn_gives_the_losses_of_f_linear(monkeypatch):
-    from gptlab.train import TrainConfig, lm_loss, make_optimizer
+    from gptlab.config import TrainConfig
+    from gptlab.train import lm_loss, make_optimizer
 
     def losses(use_onednn: bool) -> list[float]:
         monkeypatch.setattr(CPULinear, "use_onednn", use_onednn)
@@ -197,7 +198,7 @@ def test_inference_kernels_decode_like_the_full_forward(batch, monkeypatch):
     with torch.no_grad():
         full = model(idx)
         cache = KVCache(model.config, batch, 20, "cpu", torch.float32)
-        steps = [model(idx[:, :4], cache)] + [model(idx[:, t:t + 1], cache) for t in range(4, 20)]
+        steps = [model(idx[:, :4], cache=cache)] + [model(idx[:, t:t + 1], cache=cache) for t in range(4, 20)]
     per_call = 4 * model.config.n_layer + 1  # every projection and the head
     assert kernels[:2 * per_call] == ["onednn"] * 2 * per_call  # the full forward and the prompt: many rows
     assert kernels[2 * per_call:] == ["row_blocks" if batch == 1 else "onednn"] * 16 * per_call

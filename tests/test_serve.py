@@ -21,7 +21,7 @@ import torch
 
 from gptlab.cli import main
 from gptlab.errors import GptlabError
-from gptlab.finetune.classifier import add_classifier_head
+from gptlab.surgery import add_classifier_head
 from gptlab.generate import generate_text
 from gptlab.model import GPTConfig, GPTModel
 from gptlab.prompts import get_prompt_style
@@ -176,8 +176,11 @@ def test_api_key_is_required_on_v1_only(server):
 @pytest.mark.parametrize("body, param", [
     ({"max_tokens": 5000}, "max_tokens"),
     ({"max_tokens": 0}, "max_tokens"),
-    ({"temperature": 2.5}, "temperature"),
+    ({"temperature": -1}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
     ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": 0}, "top_k"),
     ({"n": 4}, "n"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
@@ -185,10 +188,23 @@ def test_api_key_is_required_on_v1_only(server):
     ({"prompt": []}, "prompt"),
 ])
 def test_bad_values_are_400_naming_the_parameter(server, body, param):
-    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny-lm", "prompt": "x", **body}, headers=auth())
+    # json.dumps, not httpx's json=: it writes NaN (as Python's json reads it), which httpx refuses to send
+    r = httpx.post(server.url + "/v1/completions", content=json.dumps({"model": "tiny-lm", "prompt": "x", **body}),
+                   headers={**auth(), "Content-Type": "application/json"})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_sampling_follows_gptlabs_one_rule_set(client, served):
+    # The server checks sampling with gptlab.config's rules, as the CLI and generate do: any finite
+    # temperature >= 0 (OpenAI's API stops at 2; gptlab does not).
+    prompt = "Hot"
+    r = client.completions.create(model="tiny-lm", prompt=prompt, max_tokens=6, temperature=2.5, seed=11)
+    assert r.choices[0].text == reference(served, prompt, 6, temperature=2.5, seed=11)
+    # A request without a temperature samples at OpenAI's default of 1.0, not greedily.
+    r = client.completions.create(model="tiny-lm", prompt=prompt, max_tokens=6, seed=11)
+    assert r.choices[0].text == reference(served, prompt, 6, temperature=1.0, seed=11)
 
 
 def test_error_shapes_and_status_codes(server, client):
@@ -415,3 +431,17 @@ def test_gptlab_serve_command_end_to_end(lm_run):
         proc.terminate()
         output = proc.communicate(timeout=20)[0]
     assert "serving cli-model (generator)" in output and f"http://127.0.0.1:{port}/" in output
+
+
+def test_engine_speaks_no_http():
+    # The engine is what a batching engine replaces: it must not depend on the web framework.
+    import ast
+
+    import gptlab.serve.engine
+    import gptlab.serve.schemas
+
+    for module in (gptlab.serve.engine, gptlab.serve.schemas):
+        tree = ast.parse(open(module.__file__, encoding="utf-8").read())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not {name for name in imported if name.split(".")[0] in ("fastapi", "starlette", "uvicorn")}

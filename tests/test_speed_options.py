@@ -8,10 +8,11 @@ import shutil
 import pytest
 import torch
 
+from gptlab.config import TrainConfig
+from gptlab.device import autocast, resolve_precision
 from gptlab.generate import generate, stream
 from gptlab.model import GPTConfig, GPTModel
-from gptlab.device import autocast, resolve_precision
-from gptlab.train import TrainConfig, lm_loss, make_optimizer
+from gptlab.train import lm_loss, make_optimizer
 
 CPU = torch.device("cpu")
 

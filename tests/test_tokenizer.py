@@ -71,3 +71,39 @@ def test_get_tokenizer_errors(tmp_path):
     with pytest.raises(GptlabError, match="not a gptlab tokenizer"):
         get_tokenizer(tmp_path / "bad")
     assert isinstance(get_tokenizer("gpt2"), GPT2Tokenizer)
+
+
+def test_bpe_concepts_are_reexported_from_the_tokenizer_module():
+    import gptlab.bpe as bpe
+    import gptlab.tokenizer as tokenizer
+
+    for name in ("ENDOFTEXT", "GPT2_PATTERN", "TOKENIZER_FILE", "AllowedSpecial", "read_tiktoken_ranks", "BPETokenizer"):
+        assert getattr(tokenizer, name) is getattr(bpe, name)
+
+
+def test_every_tokenizer_has_a_fingerprint_of_its_vocabulary(verdict_path):
+    import time
+
+    from gptlab.tokenizer import GPT2Tokenizer
+
+    text = verdict_path.read_text(encoding="utf-8")
+    v1, v2 = SimpleTokenizerV1.from_text(text), SimpleTokenizerV2.from_text(text)
+    gpt2 = get_tokenizer("gpt2")
+    prints = [tok.fingerprint for tok in (gpt2, v1, v2, SimpleTokenizerV2.from_text(text[:500]))]
+    assert all(len(p) == 16 and int(p, 16) >= 0 for p in prints) and len(set(prints)) == 4
+    assert SimpleTokenizerV1.from_text(text).fingerprint == v1.fingerprint
+    assert GPT2Tokenizer().fingerprint == gpt2.fingerprint
+    fresh = GPT2Tokenizer()
+    started = time.perf_counter()
+    fresh.fingerprint  # computed once per process, not per tokenizer
+    assert time.perf_counter() - started < 0.01
+    assert v2.fingerprint is v2.fingerprint  # cached
+
+
+def test_gpt2_gives_the_bytes_of_tokens(gpt2):
+    from gptlab.tokenizer import ByteLevelTokenizer
+
+    assert isinstance(gpt2, ByteLevelTokenizer)
+    assert gpt2.decode_bytes([15496, 11, 995]) == b"Hello, world"
+    ids = gpt2.encode("🙂")
+    assert len(ids) > 1 and b"".join(gpt2.decode_bytes([i]) for i in ids) == "🙂".encode("utf-8")

@@ -22,30 +22,76 @@ pre-tokenization needs Unicode's letter and digit classes, and the ``regex`` mod
 than tiktoken's Rust regex. Checked over all 1.1M code points with GPT-2's vocabulary, the two differ on exactly
 the 17,480 code points that were still unassigned in Unicode 14 (newly added CJK ideographs, scripts, digits);
 on every character assigned by then they give the same ids.
+
+Streaming: ``text_blocks`` re-cuts a text that arrives in pieces (a file read block by block) only where
+pre-tokenization cannot tell, so BPE training and ``gptlab prepare`` see exactly the pre-tokens of the whole text
+while holding one block in memory.
+
+This module holds the BPE vocabulary concepts that ``gptlab.tokenizer`` builds on (``ENDOFTEXT``, ``GPT2_PATTERN``,
+the ``.tiktoken`` rank reader, the vocabulary fingerprint), so it imports nothing above ``gptlab.files``.
 """
 from __future__ import annotations
 
 import base64
-import codecs
+import hashlib
 import heapq
 import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import AbstractSet, Literal
 
 import regex
 
 from gptlab.errors import GptlabError
-from gptlab.tokenizer import ENDOFTEXT, GPT2_PATTERN, TOKENIZER_FILE, AllowedSpecial, read_tiktoken_ranks
+from gptlab.files import READ_CHUNK_BYTES, atomic_write_text, read_text_chunks  # noqa: F401  (re-exported)
 
+ENDOFTEXT = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"  # the file that names a saved tokenizer's type
+# tiktoken's pre-tokenisation pattern for GPT-2 (r50k_base): contractions, letters, digits, punctuation, spaces.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 TIKTOKEN_FILE = "bpe.tiktoken"
 ENCODER_FILE = "encoder.json"
 MERGES_FILE = "vocab.bpe"
 MERGES_HEADER = "#version: 0.2"
-READ_CHUNK_BYTES = 1 << 20
+FINGERPRINT_HEX_DIGITS = 16  # 64 bits: tells vocabularies apart, short enough to read in an error message
 Backend = Literal["auto", "tiktoken", "python"]
+AllowedSpecial = AbstractSet[str] | Literal["all"]
+
+
+def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
+    """Read a ``.tiktoken`` rank file (one ``base64-token rank`` pair a line)."""
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError as e:
+                raise GptlabError(f"{path}:{lineno}: not a 'base64-token rank' line ({e})") from None
+    return ranks
+
+
+def fingerprint_of(meanings: Iterable[tuple[int, bytes]]) -> str:
+    """A short sha256 hex over what each id means, ``(id, meaning)`` pairs in any order.
+
+    Two tokenizers with one fingerprint turn every id into the same text, so ids written with one are read
+    correctly by the other (a token file checks this against the model's tokenizer).
+    """
+    digest = hashlib.sha256(b"gptlab vocabulary v1\n")
+    for i, meaning in sorted(meanings):
+        digest.update(b"%d %s\n" % (i, base64.b64encode(meaning)))
+    return digest.hexdigest()[:FINGERPRINT_HEX_DIGITS]
+
+
+def vocabulary_fingerprint(ranks: dict[bytes, int], special_tokens: dict[str, int]) -> str:
+    """``fingerprint_of`` a byte-level vocabulary: each token's bytes and each special token's text, by id."""
+    meanings = [(i, b"bytes " + token) for token, i in ranks.items()]
+    meanings += [(i, b"special " + text.encode("utf-8")) for text, i in special_tokens.items()]
+    return fingerprint_of(meanings)
 
 
 @lru_cache(maxsize=None)
@@ -136,6 +182,11 @@ class BPETokenizer:
     def eot_id(self) -> int | None:
         return self.special_tokens.get(ENDOFTEXT)
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """``vocabulary_fingerprint`` of the ranks and special tokens (computed once)."""
+        return vocabulary_fingerprint(self.ranks, self.special_tokens)
+
     @property
     def backend(self) -> str:
         return "python" if self._fast is None else "tiktoken"
@@ -151,8 +202,6 @@ class BPETokenizer:
 
     def save(self, directory: str | Path) -> None:
         """Write ``tokenizer.json``, tiktoken's ``bpe.tiktoken`` and GPT-2's ``encoder.json`` + ``vocab.bpe``."""
-        from gptlab.files import atomic_write_text
-
         directory = Path(directory)
         atomic_write_text(directory / TIKTOKEN_FILE, self.tiktoken_text())
         encoder_text, merges_text = self.gpt2_texts()
@@ -207,6 +256,7 @@ class BPETokenizer:
         return [ranks[part] for part in parts]
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes of ``ids``, joined (``decode`` is this, read as UTF-8)."""
         try:
             return b"".join(self._decoder[int(i)] for i in ids)
         except KeyError as e:
@@ -354,67 +404,83 @@ def _recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return merges
 
 
-# --- training --------------------------------------------------------------------------------------------------
+# --- streaming: cutting a long text where pre-tokenization cannot tell ----------------------------------------------
 
 # The last place where the text may be cut without changing GPT-2's pre-tokenization: before a whitespace character
 # that follows a non-whitespace one, or where a run of letters or of digits ends in something other than
 # whitespace (text without spaces, like Chinese). No pre-token spans such a boundary, and the one before it ends
 # there whatever follows: the pattern's only lookahead, ``(?!\S)``, belongs to whitespace runs, and a
 # contraction starts at its apostrophe. ``(?r)`` searches backwards.
-_SAFE_CUT = regex.compile(r"(?r)(?<=\S)\s|(?<=\p{L})(?=[^\p{L}\s])|(?<=\p{N})(?=[^\p{N}\s])")
+GPT2_SAFE_CUT = regex.compile(r"(?r)(?<=\S)\s|(?<=\p{L})(?=[^\p{L}\s])|(?<=\p{N})(?=[^\p{N}\s])")
+# Any other splitting (the word-level tokenizers, a BPE with a pattern of its own): only after a lone newline
+# between two printable ASCII characters, where every common pre-tokenizer splits. The letter rule above would
+# split a word like "a-b" that a word-level tokenizer keeps whole.
+LINE_SAFE_CUT = regex.compile(r"(?r)(?<=[!-~]\n)(?=[!-~])")
 
+
+def safe_cut_rule(pattern: str | None) -> regex.Pattern:
+    """Where a text pre-tokenized by ``pattern`` may be cut (``None``: a tokenizer that is not regex-split)."""
+    return GPT2_SAFE_CUT if pattern == GPT2_PATTERN else LINE_SAFE_CUT
+
+
+def text_blocks(chunks: Iterable[str], pattern: str | None = GPT2_PATTERN, keep_whole: Sequence[str] = ()) -> Iterator[str]:
+    """The text that ``chunks`` form together, re-cut into blocks only where its pre-tokenization cannot tell.
+
+    Tokenizing each block gives exactly the ids of the whole text, yet memory stays at one chunk plus the longest
+    stretch without a safe cut (``safe_cut_rule(pattern)``; GPT-2's finds one in any text but a single endless
+    word or whitespace run). No block ends inside one of the ``keep_whole`` texts (special tokens, which the
+    caller splits out), nor inside one that may still be arriving.
+    """
+    cut_rule = safe_cut_rule(pattern)
+    keep_re = _alternation(keep_whole)
+    holdback = max(map(len, keep_whole), default=1) - 1  # a special token may still be arriving
+    carry = ""
+    for chunk in chunks:
+        text = carry + chunk
+        at = _last_safe_cut(text, len(text) - holdback, cut_rule, keep_re)
+        if at:
+            yield text[:at]
+        carry = text[at:]
+    if carry:
+        yield carry
+
+
+def _last_safe_cut(text: str, end: int, cut_rule: regex.Pattern, keep_re: regex.Pattern | None) -> int:
+    """The last place before ``end`` where ``text`` may be cut, outside every ``keep_re`` match; 0 if none."""
+    start = 0  # just after the last special token: a safe cut, the caller splits it out
+    if keep_re is not None:
+        for m in keep_re.finditer(text):
+            if m.start() >= end:
+                break
+            if m.end() > end:  # reaches past ``end``: the last safe place is just before it
+                return m.start()
+            start = m.end()
+    cut = cut_rule.search(text, start, max(start, end))
+    return cut.start() if cut else start
+
+
+def _alternation(texts: Sequence[str]) -> regex.Pattern | None:
+    """A regex matching any of ``texts``, longest first (so a text that is a prefix of another never wins)."""
+    if not texts:
+        return None
+    return regex.compile("|".join(map(regex.escape, sorted(texts, key=len, reverse=True))))
+
+
+# --- training --------------------------------------------------------------------------------------------------
 
 def count_pretokens(chunks: Iterable[str], special_tokens: Sequence[str] = (ENDOFTEXT,)) -> Counter[str]:
     """How often each GPT-2 pre-token occurs in the text that ``chunks`` form together (special tokens removed).
 
-    The chunks are cut at safe boundaries, so the counts equal those of the whole text at once, while memory
+    The chunks are re-cut by ``text_blocks``, so the counts equal those of the whole text at once, while memory
     stays at one chunk plus one entry per distinct pre-token (plus the longest stretch without a safe boundary).
     """
     pretokenizer = regex.compile(GPT2_PATTERN)
-    specials = sorted(special_tokens, key=len, reverse=True)
-    special_re = regex.compile("|".join(map(regex.escape, specials))) if specials else None
-    holdback = max(map(len, specials), default=1) - 1  # a special token may still be arriving
+    special_re = _alternation(special_tokens)
     counts: Counter[str] = Counter()
-    carry = ""
-    for chunk in chunks:
-        text = carry + chunk
-        pieces = special_re.split(text) if special_re else [text]
-        for piece in pieces[:-1]:
+    for block in text_blocks(chunks, GPT2_PATTERN, keep_whole=special_tokens):
+        for piece in special_re.split(block) if special_re else (block,):
             counts.update(pretokenizer.findall(piece))
-        tail = pieces[-1]
-        cut = _SAFE_CUT.search(tail, 0, max(0, len(tail) - holdback))
-        at = cut.start() if cut else 0
-        counts.update(pretokenizer.findall(tail, 0, at))
-        carry = tail[at:]
-    counts.update(pretokenizer.findall(carry))
     return counts
-
-
-def read_text_chunks(path: str | Path, chunk_bytes: int = READ_CHUNK_BYTES, progress: bool = False) -> Iterator[str]:
-    """Stream a UTF-8 file as text chunks; a decoding error names the byte offset."""
-    from tqdm import tqdm
-
-    path = Path(path)
-    if not path.is_file():
-        raise GptlabError(f"{path}: corpus file not found")
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    with open(path, "rb") as f, tqdm(
-        total=path.stat().st_size, unit="B", unit_scale=True, desc=f"reading {path.name}", disable=not progress
-    ) as bar:
-        while True:
-            data = f.read(chunk_bytes)
-            pending = len(decoder.getstate()[0])  # bytes of a character split by the previous read
-            try:
-                text = decoder.decode(data, final=not data)
-            except UnicodeDecodeError as e:
-                raise GptlabError(f"{path}: not UTF-8 text (bad byte at offset {offset - pending + e.start})") from None
-            offset += len(data)
-            bar.update(len(data))
-            if text:
-                yield text
-            if not data:
-                return
 
 
 def train_bpe(
@@ -442,10 +508,17 @@ def train_bpe_files(
     backend: Backend = "auto",
 ) -> BPETokenizer:
     """``train_bpe`` over files, streamed in 1 MiB chunks; each file is its own text."""
+    from tqdm import tqdm
+
     _check_size(vocab_size, special_tokens)
-    counts: Counter[str] = Counter()
     for path in paths:
-        counts.update(count_pretokens(read_text_chunks(path, progress=progress), special_tokens))
+        if not Path(path).is_file():
+            raise GptlabError(f"{path}: corpus file not found")
+    counts: Counter[str] = Counter()
+    for path in map(Path, paths):
+        with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"reading {path.name}",
+                  disable=not progress) as bar:
+            counts.update(count_pretokens(read_text_chunks(path, on_read=bar.update), special_tokens))
     if not any(word.strip() for word in counts):  # whitespace alone has nothing to merge worth learning
         raise GptlabError(f"corpus {', '.join(map(str, paths))} is empty (or only whitespace): nothing to learn merges from")
     return train_bpe_from_counts(counts, vocab_size, special_tokens=special_tokens, progress=progress, backend=backend)

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from gptlab.errors import GptlabError
+from gptlab.prompts import PROMPT_STYLES
 
 
 def check_finite(name: str, value: float | None) -> None:
@@ -97,9 +98,11 @@ class TrainConfig:
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of --lr (cosine decay)"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay of weight matrices"})
-    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW betas"})
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={
+        "help": "AdamW betas", "flag": "--adam-betas", "metavar": ("B1", "B2")})
     grad_clip: float | None = field(default=1.0, metadata={"help": "clip the gradient norm; 0 disables"})
-    eval_interval: int = field(default=50, metadata={"help": "steps between evaluations and checkpoints"})
+    eval_interval: int | None = field(default=50, metadata={
+        "help": "steps between evaluations and checkpoints (none: once per epoch)"})
     log_interval: int | None = field(default=None, metadata={
         "help": "steps between train-loss rows in metrics.csv (none: at evaluations only)"})
     eval_batches: int | None = field(default=None, metadata={"help": "validation batches per evaluation (none: all)"})
@@ -165,7 +168,7 @@ class SamplingConfig:
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
     """Raise a GptlabError naming the first sampling setting that is out of range."""
     if not math.isfinite(temperature) or temperature < 0:
-        raise GptlabError(f"temperature must be a finite number >= 0, got {temperature}")
+        raise GptlabError(f"temperature must be >= 0 and finite, got {temperature}")
     if top_k is not None and top_k <= 0:
         raise GptlabError(f"top-k must be positive, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:  # also refuses NaN
@@ -176,11 +179,17 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, m
 
 # ---- serving ------------------------------------------------------------------------------------
 
+DEFAULT_HOST = "127.0.0.1"  # this machine only
+DEFAULT_PORT = 8000
+API_KEY_ENV = "GPTLAB_API_KEY"  # the server's API key when --api-key is not given
+
+
 @dataclass(frozen=True)
 class ServeLimits:
     """Bounds on what one request may cost; each is a ``gptlab serve`` option."""
 
-    max_tokens: int = field(default=1024, metadata={"help": "most new tokens a request may ask for (per choice)"})
+    max_tokens: int = field(default=1024, metadata={"help": "most new tokens a request may ask for (per choice)",
+                                                    "flag": "--max-tokens-limit"})
     default_max_tokens: int = field(default=256, metadata={"help": "new tokens when a request does not say"})
     max_request_bytes: int = field(default=1_000_000, metadata={"help": "largest request body in bytes"})
     max_n: int = field(default=4, metadata={"help": "most choices per prompt"})
@@ -193,3 +202,147 @@ class ServeLimits:
                 raise GptlabError(f"serve limit {f.name} must be at least 1, got {getattr(self, f.name)}")
         if self.default_max_tokens > self.max_tokens:
             raise GptlabError(f"default max tokens ({self.default_max_tokens}) is above the limit ({self.max_tokens})")
+
+    @classmethod
+    def from_options(cls, **given: int) -> "ServeLimits":
+        """The limits with ``given`` ones changed; a lower ``max_tokens`` alone pulls the default down with it."""
+        if "max_tokens" in given and "default_max_tokens" not in given:
+            given["default_max_tokens"] = min(cls.default_max_tokens, given["max_tokens"])
+        return cls(**given)
+
+
+# ---- the training stages --------------------------------------------------------------------------
+# Each stage's settings (what it reads and builds) and its training defaults. A run directory stores
+# both, so ``--resume`` replays them; the CLI shows these defaults in ``--help``.
+
+def _opt(default, help: str, **extra):
+    """A field with its ``--help`` line (and argparse extras: ``choices``, ``metavar``, ``flag``)."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use a tuple for a sequence default")
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    data: str = _opt(None, "text file, folder, or token file from `gptlab prepare`", required=True)
+    preset: str = _opt("demo", "model size", choices=tuple(PRESETS))
+    init: str | None = _opt(None, "start from this model (run directory, ...) instead of random weights")
+    tokenizer: str | None = _opt(None, "'gpt2' (default) or a saved tokenizer directory")
+    context_length: int | None = _opt(None, "override the preset's context length")
+    dropout: float | None = _opt(None, "override the preset's dropout")
+    stride: int | None = _opt(None, "tokens between training windows (default: the context length)")
+    val_fraction: float = _opt(0.1, "last fraction of tokens for validation")
+    sample_prompt: str | None = _opt("Every effort moves you", "prompt sampled at each evaluation ('' for none)")
+
+    def __post_init__(self) -> None:
+        check_finite("dropout", self.dropout)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise GptlabError(f"val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.stride is not None and self.stride <= 0:
+            raise GptlabError(f"stride must be positive, got {self.stride}")
+
+
+PRETRAIN_TRAINING = TrainConfig(epochs=10, batch_size=8, lr=4e-4, eval_interval=20, log_interval=10)
+
+CLASSIFIER_PADDING = ("batch", "longest", "max-length")
+TRAINABLE_CHOICES = ("head", "last-block", "all")  # gptlab.surgery.TRAINABLE_PARTS implements each
+
+
+@dataclass(frozen=True)
+class ClassifierSettings:
+    data: str = _opt(None, "labelled texts, e.g. data/SMSSpamCollection", required=True)
+    init: str | None = _opt(None, "start from this model (gpt2, a run directory, an HF folder, ...) instead of "
+                                  "random weights")
+    # From random weights the smallest preset is enough (97% on the balanced SMS test split, README) and trains
+    # in minutes on two CPU cores; larger ones overfit the ~1,000 training messages no better and train slower.
+    preset: str = _opt("tiny", "model size when starting from random weights", choices=tuple(PRESETS))
+    text_column: str = _opt("text", "column name or 0-based position of the text")
+    label_column: str = _opt("label", "column name or 0-based position of the label")
+    header: str = _opt("auto", "whether the first row names the columns; auto: yes if it names a column or the "
+                               "file is .csv/.tsv", choices=("auto", "yes", "no"))
+    balance: bool = _opt(False, "down-sample every label to the rarest one's count (the book)")
+    split: tuple[float, float, float] = _opt((0.7, 0.1, 0.2), "stratified split fractions",
+                                             metavar=("TRAIN", "VAL", "TEST"))
+    max_length: int | None = _opt(None, "truncate texts to this many tokens (default: the longest training text, "
+                                        "up to the context length)")
+    padding: str = _opt("batch", "pad to the batch's longest text, the split's longest (the book) or --max-length "
+                                 "(the prediction is the same either way)", choices=CLASSIFIER_PADDING)
+    trainable: str = _opt("auto", "parameters to train; auto: last-block (+ final norm + head) with --init, all "
+                                  "from scratch", choices=("auto", *TRAINABLE_CHOICES))
+    context_length: int | None = _opt(None, "override the preset's context length")
+    dropout: float | None = _opt(None, "override the model's dropout")
+
+    def __post_init__(self) -> None:
+        check_finite("dropout", self.dropout)
+        object.__setattr__(self, "split", tuple(self.split))
+        for name, allowed in (("padding", CLASSIFIER_PADDING), ("trainable", ("auto", *TRAINABLE_CHOICES)),
+                              ("header", ("auto", "yes", "no"))):
+            if getattr(self, name) not in allowed:
+                raise GptlabError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+    @property
+    def resolved_trainable(self) -> str:
+        if self.trainable == "auto":
+            return "last-block" if self.init is not None else "all"
+        return self.trainable
+
+
+def classifier_training(init: str | None) -> TrainConfig:
+    """Training defaults: the book's for a pretrained start, the README's measured recipe for random weights.
+
+    ``eval_interval=None``: evaluate (and checkpoint) once per epoch.
+    """
+    if init is not None:
+        return TrainConfig(epochs=5.0, lr=5e-5, batch_size=8, eval_interval=None)
+    return TrainConfig(epochs=5.0, lr=3e-3, batch_size=16, eval_interval=None)
+
+
+@dataclass(frozen=True)
+class InstructSettings:
+    data: str | None = _opt(None, "JSON list or JSONL of {instruction, input, output} records (default: the "
+                                  "shipped 1,100-record instruction-data.json)")
+    init: str | None = _opt(None, "model to start from: a run directory, gpt2, gpt2-medium, an HF folder, ...")
+    preset: str | None = _opt(None, "start from random weights of this size instead", choices=tuple(PRESETS))
+    tokenizer: str | None = _opt(None, "with --preset: 'gpt2' (default) or a saved tokenizer directory")
+    prompt_style: str = _opt("alpaca", "prompt layout", choices=tuple(PROMPT_STYLES))
+    mask_prompt: bool = _opt(False, "learn only the responses (no loss on the prompt's tokens)")
+    max_length: int | None = _opt(None, "cut examples to this many tokens (default: the context length)")
+    dropout: float | None = _opt(None, "override the model's dropout")
+    train_fraction: float = _opt(0.85, "first part of the records for training")
+    test_fraction: float = _opt(0.10, "next part, written to OUT/test.json; the rest validates")
+    split_seed: int | None = _opt(None, "shuffle the records with this seed before splitting (default: file "
+                                        "order, as in the book)")
+
+    def __post_init__(self) -> None:
+        check_finite("dropout", self.dropout)
+        if self.init is None and self.preset is None:
+            raise GptlabError("give --init SOURCE (a run directory, gpt2, gpt2-medium, ...) or --preset NAME "
+                              "to start from random weights")
+        if self.init is not None and self.preset is not None:
+            raise GptlabError("give --init or --preset, not both")
+        if self.init is not None and self.tokenizer is not None:
+            raise GptlabError(f"--tokenizer is for a fresh --preset; the model {self.init} keeps its own tokenizer")
+        for name in ("train_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise GptlabError(f"{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.train_fraction <= 0 or self.train_fraction + self.test_fraction > 1.0:
+            raise GptlabError(f"train-fraction must be positive and train + test at most 1, got "
+                              f"{self.train_fraction} + {self.test_fraction}")
+
+
+INSTRUCT_TRAINING = TrainConfig(epochs=2, batch_size=8, lr=5e-5, eval_interval=20)
+
+
+def settings_from(cls, options: dict, stage: str):
+    """``cls(**options)`` with an unknown option named as the user would write it, not a TypeError."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise GptlabError(f"{stage}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**options)
+
+
+# ---- judging ------------------------------------------------------------------------------------
+
+JUDGE_BASE_URL = "http://localhost:11434/v1"  # Ollama's OpenAI-compatible endpoint
+JUDGE_MODEL = "llama3"  # the book's judge

@@ -2,16 +2,16 @@
 
 - ``read_text`` / ``text_files``: UTF-8 input with errors that name the file and byte offset.
 - ``prepare_token_file`` / ``open_token_file``: a corpus tokenized once into a memory-mapped file
-  (uint16 when the vocabulary fits, else uint32), so corpora larger than memory can be trained on.
+  (uint16 when the vocabulary fits, else uint32), so corpora larger than memory can be trained on. Its header
+  carries the tokenizer's fingerprint, so ``load_tokens`` refuses it for a model with another vocabulary.
 - ``TokenWindowDataset``: sliding windows of ``max_length`` tokens, targets shifted by one.
 - ``EpochBatchSampler``: seeded, resumable batch order, so ``--resume`` replays exactly the same batches.
 """
 from __future__ import annotations
 
 import json
-import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,49 +19,41 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
+from gptlab.bpe import GPT2_PATTERN, text_blocks
 from gptlab.errors import GptlabError
-from gptlab.files import atomic_write, decode_utf8, read_text, text_files  # noqa: F401  (read_text, text_files: re-exported)
+from gptlab.files import atomic_write, read_text, read_text_chunks, text_files  # noqa: F401  (read_text: re-exported)
 from gptlab.tokenizer import Tokenizer
 
 TOKEN_FILE_MAGIC = b"GPTLABTK"
+TOKEN_FILE_VERSION = 2  # 2: the header has the tokenizer's fingerprint; 1: its name and size only
 HEADER_BYTES = 4096  # fixed, so the header can be rewritten in place once the token count is known
 BLOCK_BYTES = 1 << 22
-# Cutting a long text where a newline sits between two printable ASCII characters splits GPT-2's
-# pre-tokens exactly as the whole text would: no whitespace run or word crosses the cut.
-_SAFE_CUT = re.compile(rb"[!-~]\n(?=[!-~])")
 
 
-def iter_text_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[str, int]]:
-    """Yield ``(text, bytes_consumed)`` pieces of a UTF-8 file, cut only where tokenization is unaffected."""
-    offset, pending = 0, b""
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(block_bytes)
-            pending += chunk
-            if not chunk:
-                break
-            cuts = [m.end() - 1 for m in _SAFE_CUT.finditer(pending, max(0, len(pending) - len(chunk) - 2))]
-            if not cuts:
-                continue
-            cut = cuts[-1] + 1  # keep the newline with the left piece
-            yield decode_utf8(pending[:cut], path, offset), cut
-            offset, pending = offset + cut, pending[cut:]
-    if pending:
-        yield decode_utf8(pending, path, offset), len(pending)
+def iter_text_blocks(path: str | Path, block_bytes: int = BLOCK_BYTES, pattern: str | None = GPT2_PATTERN,
+                     on_read: Callable[[int], None] | None = None) -> Iterator[tuple[str, int]]:
+    """Yield ``(text, n_bytes)`` blocks of a UTF-8 file, cut only where tokenization is unaffected.
+
+    ``pattern`` is the tokenizer's pre-tokenization (``tokenizer.pattern``; ``None`` for one that has none),
+    which decides where a cut is safe: see ``gptlab.bpe.text_blocks``, which BPE training reads through too.
+    """
+    for text in text_blocks(read_text_chunks(path, block_bytes, on_read), pattern):
+        yield text, len(text.encode("utf-8"))
 
 
 def _encode_files(files: list[Path], tokenizer: Tokenizer, desc: str) -> Iterator[np.ndarray]:
     """Token ids of each file in blocks; documents are separated by the end-of-text token."""
     total = sum(f.stat().st_size for f in files)
+    pattern = getattr(tokenizer, "pattern", None)  # a regex-split tokenizer says how: it allows more cuts
     has_text = False
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=total < BLOCK_BYTES) as bar:
         for i, f in enumerate(files):
             if i > 0 and tokenizer.eot_id is not None:
                 yield np.array([tokenizer.eot_id], dtype=np.int64)
-            for text, consumed in iter_text_blocks(f):
+            for text, n_bytes in iter_text_blocks(f, pattern=pattern):
                 has_text = has_text or not text.isspace()
                 yield np.asarray(tokenizer.encode(text), dtype=np.int64)
-                bar.update(consumed)
+                bar.update(n_bytes)
     if not has_text:
         where = files[0] if len(files) == 1 else files[0].parent
         raise GptlabError(f"{where}: no text to train on (empty or only whitespace)")
@@ -82,8 +74,9 @@ def prepare_token_file(input_path: str | Path, out: str | Path, tokenizer: Token
     """Tokenize a text file or folder once into ``out``: an 8-byte magic, a JSON header, then the ids."""
     files = text_files(input_path)
     dtype = token_dtype(tokenizer.n_vocab)
-    header = {"version": 1, "dtype": dtype.name, "tokenizer": tokenizer.name, "n_vocab": tokenizer.n_vocab,
-              "source": str(input_path), "n_files": len(files), "n_tokens": 0}
+    header = {"version": TOKEN_FILE_VERSION, "dtype": dtype.name, "tokenizer": tokenizer.name,
+              "n_vocab": tokenizer.n_vocab, "fingerprint": tokenizer.fingerprint, "source": str(input_path),
+              "n_files": len(files), "n_tokens": 0}
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
@@ -137,13 +130,29 @@ def load_tokens(path: str | Path, tokenizer: Tokenizer) -> np.ndarray:
     """Token ids from a prepared token file (memory-mapped) or a text file/folder (tokenized now)."""
     if is_token_file(path):
         ids, header = open_token_file(path)
-        if header["tokenizer"] != tokenizer.name or header["n_vocab"] != tokenizer.n_vocab:
-            raise GptlabError(
-                f"{path}: prepared with tokenizer {header['tokenizer']!r} ({header['n_vocab']} tokens), "
-                f"but the model uses {tokenizer.name!r} ({tokenizer.n_vocab}); prepare it again with this tokenizer"
-            )
+        check_token_file_tokenizer(path, header, tokenizer)
         return ids
     return encode_path(path, tokenizer)
+
+
+def check_token_file_tokenizer(path: str | Path, header: dict, tokenizer: Tokenizer) -> None:
+    """Refuse a token file written with another tokenizer: its ids would mean other tokens.
+
+    Version 2 headers carry the tokenizer's fingerprint (two trained BPEs are both named "bpe" and may have
+    the same size); version 1 headers only its name and size.
+    """
+    if "fingerprint" in header:
+        same = header["fingerprint"] == tokenizer.fingerprint
+        theirs = f"{header['n_vocab']} tokens, fingerprint {header['fingerprint'][:8]}"
+        ours = f"{tokenizer.n_vocab} tokens, fingerprint {tokenizer.fingerprint[:8]}"
+    else:
+        same = header["tokenizer"] == tokenizer.name and header["n_vocab"] == tokenizer.n_vocab
+        theirs, ours = f"{header['n_vocab']} tokens", f"{tokenizer.n_vocab} tokens"
+    if not same:
+        raise GptlabError(
+            f"{path}: prepared with tokenizer {header['tokenizer']!r} ({theirs}), but the model uses "
+            f"{tokenizer.name!r} ({ours}); prepare it again with this tokenizer (`gptlab prepare --tokenizer ...`)"
+        )
 
 
 def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:

@@ -19,8 +19,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from gptlab.config import JUDGE_BASE_URL, JUDGE_MODEL
 from gptlab.errors import GptlabError
-from gptlab.files import atomic_write
+from gptlab.files import atomic_write_text
+from gptlab.instruction_data import RESPONSE_KEY, load_instruction_records
+from gptlab.plotting import new_figure, save_figure
+from gptlab.prompts import ALPACA
 
 log = logging.getLogger("gptlab")
 
@@ -111,14 +115,10 @@ def classification_report(true: Sequence[int], pred: Sequence[int], labels: Sequ
 
 def plot_confusion_matrix(report: ClassificationReport, path: str | Path, title: str = "confusion matrix") -> None:
     """The confusion matrix as a PNG heat map, counts in the cells, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     k = len(report.labels)
     size = 2.5 + 0.6 * k
-    fig, ax = plt.subplots(figsize=(size + 1, size), dpi=110)
+    fig = new_figure(size + 1, size)
+    ax = fig.add_subplot()
     image = ax.imshow(report.confusion, cmap="Blues")
     fig.colorbar(image, ax=ax)
     ax.set_xticks(range(k), report.labels, rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
@@ -131,9 +131,7 @@ def plot_confusion_matrix(report: ClassificationReport, path: str | Path, title:
         for p in range(k):
             value = report.confusion[t][p]
             ax.text(p, t, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ==== end of classification ======================================================================
@@ -143,8 +141,7 @@ def plot_confusion_matrix(report: ClassificationReport, path: str | Path, title:
 # `gptlab judge` scores the answers `gptlab respond` wrote. The judge is any OpenAI-compatible
 # chat-completions endpoint (Ollama, OpenAI, gptlab's own server), spoken to with the standard library.
 
-JUDGE_BASE_URL = "http://localhost:11434/v1"  # Ollama's OpenAI-compatible endpoint
-JUDGE_MODEL = "llama3"  # the book's judge
+# The default endpoint and judge model (Ollama's llama3, the book's) are gptlab.config.JUDGE_BASE_URL / JUDGE_MODEL.
 JUDGE_SCORE_KEY = "judge_score"
 
 
@@ -189,7 +186,7 @@ def _check_response_records(records: Sequence[dict], key: str, source: str) -> N
                 raise GptlabError(f"{source}: record {i} has no string {field!r}{hint}")
 
 
-def offline_scores(records: Sequence[dict], key: str = "model_response", source: str = "records") -> dict:
+def offline_scores(records: Sequence[dict], key: str = RESPONSE_KEY, source: str = "records") -> dict:
     """Mean ROUGE-L and exact-match rate of ``record[key]`` against ``record["output"]``; adds both per record."""
     _check_response_records(records, key, source)
     if not records:
@@ -201,12 +198,9 @@ def offline_scores(records: Sequence[dict], key: str = "model_response", source:
             "exact_match": sum(r["exact_match"] for r in records) / len(records)}
 
 
-def judge_prompt(record: dict, key: str = "model_response") -> str:
+def judge_prompt(record: dict, key: str = RESPONSE_KEY) -> str:
     """The book's judging prompt: the task (in the Alpaca layout), the reference, the answer, a 0-100 scale."""
-    task = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-            f"the request.\n\n### Instruction:\n{record['instruction']}")
-    if record.get("input"):
-        task += f"\n\n### Input:\n{record['input']}"
+    task = ALPACA.task(record["instruction"], record.get("input") or "")
     return (f"Given the input `{task}` and correct output `{record['output']}`, score the model response "
             f"`{record[key]}` on a scale from 0 to 100, where 100 is the best score. "
             "Respond with the integer number only.")
@@ -357,7 +351,7 @@ class JudgeCache:
             f.flush()
 
 
-def judge_records(records: Sequence[dict], client: JudgeClient, cache: JudgeCache, key: str = "model_response",
+def judge_records(records: Sequence[dict], client: JudgeClient, cache: JudgeCache, key: str = RESPONSE_KEY,
                   source: str = "records", progress: bool = True) -> list[dict]:
     """Each record with ``judge_score`` (0..100, or None when the reply held no score) added.
 
@@ -407,12 +401,8 @@ def text_histogram(scores: Sequence[float], bins: int = 10, top: float = 100.0, 
 def plot_score_histogram(scores: Sequence[float], path: str | Path, title: str = "judge scores",
                          bins: int = 10, top: float = 100.0) -> None:
     """The scores' histogram as a PNG, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    fig = new_figure()
+    ax = fig.add_subplot()
     ax.bar([b * top / bins for b in range(bins)], score_histogram(scores, bins, top), width=top / bins,
            align="edge", edgecolor="black")
     mean = sum(scores) / len(scores) if scores else float("nan")
@@ -422,12 +412,10 @@ def plot_score_histogram(scores: Sequence[float], path: str | Path, title: str =
     ax.set_ylabel("records")
     ax.set_title(f"{title} (n={len(scores)})")
     ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def evaluate_responses(input_path: str | Path, output_path: str | Path | None = None, key: str = "model_response",
+def evaluate_responses(input_path: str | Path, output_path: str | Path | None = None, key: str = RESPONSE_KEY,
                        client: JudgeClient | None = None, progress: bool = True) -> dict:
     """Score the answers in ``input_path`` (written by ``gptlab respond``): ROUGE-L and exact match always,
     the LLM judge when ``client`` is given (cached beside the output, so a rerun resumes).
@@ -435,8 +423,6 @@ def evaluate_responses(input_path: str | Path, output_path: str | Path | None = 
     Writes the records with their scores to ``output_path`` (default ``INPUT.judged.json``) and, with a
     judge, the score histogram as PNG beside it. Returns the summary.
     """
-    from gptlab.finetune.instruct import load_instruction_records
-
     input_path = Path(input_path)
     records = load_instruction_records(input_path)
     output_path = Path(output_path) if output_path else input_path.with_name(input_path.stem + ".judged.json")
@@ -454,8 +440,7 @@ def evaluate_responses(input_path: str | Path, output_path: str | Path | None = 
             plot_path = output_path.with_suffix(".png")
             plot_score_histogram(scores, plot_path, title=f"{client.model} judging {input_path.name}")
             summary["plot"] = str(plot_path)
-    atomic_write(output_path, lambda tmp: Path(tmp).write_text(
-        json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
+    atomic_write_text(output_path, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
     return summary
 
 

@@ -3,12 +3,17 @@
 - ``atomic_write`` / ``atomic_write_text``: write to a temporary name beside the target, then rename, so a
   kill mid-write leaves the previous version intact, never a half-written file.
 - ``read_text`` / ``text_files``: UTF-8 input with errors that name the file and byte offset.
+- ``read_text_chunks``: the same, streamed a block at a time, so a corpus larger than memory can be read.
+- ``read_json_records``: the records of a JSON list or JSONL file, each with its line, checked.
 """
 from __future__ import annotations
 
+import codecs
+import json
 import os
+import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from gptlab.errors import GptlabError
@@ -80,3 +85,114 @@ def text_files(path: str | Path) -> list[Path]:
             raise GptlabError(f"{path}: folder has no files to read")
         return files
     raise GptlabError(f"{path}: no such file or folder")
+
+
+READ_CHUNK_BYTES = 1 << 20
+
+
+def read_text_chunks(path: str | Path, chunk_bytes: int = READ_CHUNK_BYTES,
+                     on_read: Callable[[int], None] | None = None) -> Iterator[str]:
+    """Stream a UTF-8 file as text, ``chunk_bytes`` at a time; together the chunks are the whole text.
+
+    A character split between two reads is completed by the next one. Invalid UTF-8 is the same error as
+    ``read_text``'s, naming the file and the byte offset. ``on_read(n)`` is told each ``n`` bytes read
+    (for a progress bar). The chunks are cut anywhere: ``gptlab.bpe.text_blocks`` re-cuts them where
+    tokenization allows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GptlabError(f"{path}: no such file")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes read before this chunk
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(chunk_bytes)
+            pending = len(decoder.getstate()[0])  # bytes of a character split by the previous read
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                # e.object is the pending bytes + this chunk; decoding it up to the bad byte raises read_text's message
+                decode_utf8(e.object[: e.end], path, offset - pending)
+                raise
+            offset += len(data)
+            if on_read is not None and data:
+                on_read(len(data))
+            if text:
+                yield text
+            if not data:
+                return
+
+
+# ---- JSON records ------------------------------------------------------------------------------
+
+def read_json_records(path: str | Path, what: str = "a JSON object") -> list[tuple[int, dict]]:
+    """The records of a JSON list (``[{...}, ...]``) or a JSONL file (one object per line), each with the
+    line it starts on, for messages.
+
+    Every error names the file and the line: text that is not JSON, a record that is not an object
+    (``what`` says what one should be), one object where a list of records was meant, no records at all.
+    """
+    path = Path(path)
+    text = read_text(path).removeprefix("\ufeff")  # a byte-order mark some editors write
+    records = _json_list(text, path) if text.lstrip().startswith("[") else _json_lines(text, path)
+    if not records:
+        raise GptlabError(f"{path}: no records; expected a JSON list of records or one record per line, "
+                          f"each {what}")
+    for i, (line, record) in enumerate(records):
+        if not isinstance(record, dict):
+            kind = type(record).__name__
+            raise GptlabError(f"{path} line {line}: record {i} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, "
+                              f"not {what}")
+    return records
+
+
+def _json_list(text: str, path: Path) -> list[tuple[int, object]]:
+    """A JSON array read one element at a time, so that each record knows the line it starts on."""
+    decoder, blank = json.JSONDecoder(), re.compile(r"[ \t\n\r]*")
+    records, line, counted = [], 1, 0
+    try:
+        pos = blank.match(text, text.index("[") + 1).end()
+        empty = text.startswith("]", pos)
+        while not empty:
+            line += text.count("\n", counted, pos)  # counted incrementally: linear in the file's size
+            counted = pos
+            record, end = decoder.raw_decode(text, pos)
+            records.append((line, record))
+            pos = blank.match(text, end).end()
+            if text.startswith("]", pos):
+                break
+            if not text.startswith(",", pos):
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+            pos = blank.match(text, pos + 1).end()
+        rest = blank.match(text, pos + 1).end()
+        if rest != len(text):
+            raise json.JSONDecodeError("Extra data", text, rest)
+    except json.JSONDecodeError as e:
+        raise GptlabError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    return records
+
+
+def _json_lines(text: str, path: Path) -> list[tuple[int, object]]:
+    # split on "\n" only: str.splitlines also cuts at U+2028, which JSON allows unescaped inside a string
+    records = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            _refuse_one_object(text, path)
+            raise GptlabError(f"{path}: line {n} is not valid JSON ({e.msg}, column {e.colno}); "
+                              "expected a JSON list of records or one JSON object per line") from None
+    return records
+
+
+def _refuse_one_object(text: str, path: Path) -> None:
+    """A pretty-printed object spanning lines is neither a list nor JSONL: say so, not 'line 1 is not JSON'."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    if isinstance(whole, dict):
+        raise GptlabError(f"{path}: one JSON object, not a list of records; put the records in a list "
+                          "[{...}, {...}] or write one object per line (JSONL)")

@@ -1,7 +1,8 @@
 """Sampling text from a model: greedy, temperature, top-k, top-p, end-of-text and stop strings, streaming.
 
 Token level: ``stream`` yields each new column of ids; ``generate`` returns them appended to the prompt.
-Text level: ``stream_text`` / ``generate_text`` add the tokenizer, stop strings and prompt cropping.
+Text level: ``stream_text`` / ``generate_text`` add the tokenizer, stop strings and prompt cropping;
+``decode_stream`` turns ids into text pieces as they arrive, decoding each token once (linear in the length).
 
 With the KV cache each step feeds one token. Absolute position embeddings mean that once a sequence
 outgrows the context window every position shifts, so from then on each step recomputes the last
@@ -9,13 +10,15 @@ outgrows the context window every position shifts, so from then on each step rec
 """
 from __future__ import annotations
 
+import codecs
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from gptlab.config import check_sampling  # noqa: F401  (re-exported: one set of sampling rules)
 from gptlab.errors import GptlabError
 from gptlab.linear import packed_weights
 from gptlab.model import GPTModel, KVCache
@@ -41,18 +44,6 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
-    """Raise a GptlabError naming the first sampling setting that is out of range."""
-    if temperature < 0:
-        raise GptlabError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k <= 0:
-        raise GptlabError(f"top-k must be positive, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise GptlabError(f"top-p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 0:
-        raise GptlabError(f"max-new-tokens must be >= 0, got {max_new_tokens}")
 
 
 @torch.no_grad()
@@ -171,37 +162,103 @@ def stream_text(
     so a caller printing the pieces never shows a stop string or a broken character.
     ``stats``, when given, receives the token counts and the finish reason (a server reports them).
     """
-    stop = [s for s in stop if s]
     ids = encode_prompt(tokenizer, prompt, model.config.context_length)
     stats = stats if stats is not None else TextStats()
-    stats.prompt_tokens, stats.completion_tokens, stats.finish_reason = len(ids), 0, "length"
+    stats.prompt_tokens = len(ids)
     eos = tokenizer.eot_id if stop_at_eot else None
-    new_ids: list[int] = []
-    emitted = 0
-    holdback = max((len(s) for s in stop), default=1) - 1
-    for token in stream(model, torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, eos, use_cache, seed):
-        token_id = int(token[0])
+    # closing: when the caller stops early, the model's stream ends now (its cache freed, train mode restored)
+    with closing(stream(model, torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, eos, use_cache,
+                        seed)) as tokens:
+        yield from decode_stream((int(token[0]) for token in tokens), tokenizer, stop, eos, stats)
+
+
+def decode_stream(token_ids: Iterable[int], tokenizer: Tokenizer, stop: Sequence[str] = (),
+                  eos_id: int | None = None, stats: TextStats | None = None) -> Iterator[str]:
+    """Yield the text of ``token_ids`` in pieces as soon as they are final: the pieces join to
+    ``tokenizer.decode(ids)``, cut before the first stop string or ``eos_id`` (which ends the text, unshown).
+
+    Each token is decoded once (``_ContinuationText``), and only the text not yet yielded, plus the last
+    ``max(len(stop))`` characters a stop string could start in, is searched: linear in the length.
+    """
+    stop = [s for s in stop if s]
+    stats = stats if stats is not None else TextStats()
+    stats.completion_tokens, stats.finish_reason = 0, "length"
+    holdback = max((len(s) for s in stop), default=1) - 1  # characters that may be a stop string's start
+    reach = max((len(s) for s in stop), default=0)  # how far back the stop search starts (as it always has)
+    text = _ContinuationText(tokenizer)
+    emitted = 0  # characters yielded so far
+    for token_id in token_ids:
         stats.completion_tokens += 1
-        if eos is not None and token_id == eos:
+        if eos_id is not None and token_id == eos_id:
             stats.finish_reason = "stop"
             break
-        new_ids.append(token_id)
-        text = tokenizer.decode(new_ids)
+        text.add(token_id)
         cut = min((i for i in (text.find(s, max(0, emitted - len(s))) for s in stop) if i >= 0), default=-1)
         if cut >= 0:
             stats.finish_reason = "stop"
             if cut > emitted:
-                yield text[emitted:cut]
+                yield text.slice(emitted, cut)
             return
         safe = len(text) - holdback
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+        if text.endswith_replacement():  # an incomplete UTF-8 sequence: wait for the next token
             safe = min(safe, len(text) - 1)
         if safe > emitted:
-            yield text[emitted:safe]
+            yield text.slice(emitted, safe)
             emitted = safe
-    text = tokenizer.decode(new_ids)
+            text.forget_before(emitted - reach)
     if len(text) > emitted:
-        yield text[emitted:]
+        yield text.slice(emitted, len(text))
+
+
+class _ContinuationText:
+    """``tokenizer.decode(ids so far)`` as tokens arrive, held from ``start`` on only (indices are absolute).
+
+    A byte-level tokenizer's tokens go once each through an incremental UTF-8 decoder: ``done`` is the text of
+    the complete characters, ``pending`` the decoder's held bytes as a whole decode shows them (U+FFFD), so
+    ``done + pending`` is ``tokenizer.decode`` of all ids, character for character. A tokenizer without bytes
+    is decoded whole each time (its text need not be the join of its tokens' texts; quadratic, but the
+    word-level tokenizers that lack bytes are for teaching).
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.decode_bytes = getattr(tokenizer, "decode_bytes", None)  # a ByteLevelTokenizer has it
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.ids: list[int] = []  # kept only for a tokenizer without bytes
+        self.start = 0  # absolute index of done[0]
+        self.done, self.pending = "", ""
+
+    def add(self, token_id: int) -> None:
+        if self.decode_bytes is not None:
+            self.done += self.decoder.decode(self.decode_bytes([token_id]))
+            self.pending = self.decoder.getstate()[0].decode("utf-8", errors="replace")
+        else:
+            self.ids.append(token_id)
+            self.done = self.tokenizer.decode(self.ids)[self.start :]
+
+    @property
+    def held(self) -> str:
+        """The text from ``start`` on."""
+        return self.done + self.pending
+
+    def __len__(self) -> int:
+        return self.start + len(self.done) + len(self.pending)
+
+    def find(self, s: str, at: int) -> int:
+        """``decode(ids).find(s, at)``, for ``at >= start``."""
+        i = self.held.find(s, at - self.start)
+        return i + self.start if i >= 0 else -1
+
+    def slice(self, a: int, b: int) -> str:
+        return self.held[a - self.start : b - self.start]
+
+    def endswith_replacement(self) -> bool:
+        return (self.pending or self.done).endswith("\ufffd")
+
+    def forget_before(self, index: int) -> None:
+        """Drop the text before ``index`` (final text only: a pending character may still change)."""
+        drop = min(max(0, index - self.start), len(self.done))
+        self.done, self.start = self.done[drop:], self.start + drop
 
 
 def generate_text(model: GPTModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 50, **kwargs) -> str:

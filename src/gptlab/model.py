@@ -3,7 +3,8 @@
 Module names mirror OpenAI's GPT-2 checkpoint (``wte``, ``wpe``, ``h.N.attn.c_attn`` ...) so that
 importing pretrained weights is a key map, not a translation. Shapes: B batch, T time (tokens),
 C channels (``n_embd``), nh heads, hs head size, V vocabulary. ``CPULinear`` (``gptlab.linear``) is
-``nn.Linear`` with faster CPU kernels: read it as ``nn.Linear`` here.
+``nn.Linear`` with faster CPU kernels: read it as ``nn.Linear`` here; ``lm_head_loss`` (``gptlab.loss``)
+is the head's cross-entropy, computed without the whole logits where it can be.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from gptlab.config import PRESETS, GPTConfig  # noqa: F401  (PRESETS: re-exported for the API)
 from gptlab.errors import GptlabError
 from gptlab.linear import CPULinear
+from gptlab.loss import lm_head_loss
 
 
 class KVCache:
@@ -151,9 +153,19 @@ class GPTModel(nn.Module):
             cache.pos += T
         return self.ln_f(x)  # (B, T, C)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """Token ids (B, T) to logits (B, T, V); ``last_only`` computes only the final position's (B, 1, V)."""
-        x = self.hidden_states(idx, cache)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Token ids (B, T) to logits (B, T, V), or with ``targets`` (B, T) to the mean next-token loss.
+
+        Targets of -100 are ignored (padding, masked prompts). ``last_only`` computes only the final
+        position's logits (B, 1, V).
+        """
+        if isinstance(targets, KVCache):
+            raise TypeError("GPTModel's second argument is the targets: pass the cache by name, "
+                            "model(idx, cache=cache)")
+        x = self.hidden_states(idx, cache)  # (B, T, C)
+        if targets is not None:
+            return lm_head_loss(x, self.lm_head, targets)  # a scalar
         if last_only:
             x = x[:, -1:, :]  # the head is the costliest matmul for small models: skip unused positions
         return self.lm_head(x)  # (B, T, V)

@@ -21,12 +21,16 @@ class PromptStyle:
     stop: tuple[str, ...]  # text that means the model has begun a new turn
     turn_sep: str  # between an answer and the next user turn
 
-    def prompt(self, instruction: str, input: str = "") -> str:
-        """The text up to and including the response header."""
+    def task(self, instruction: str, input: str = "") -> str:
+        """The preamble, the instruction and the optional input: the prompt without its response header."""
         text = self.preamble + self.user + instruction
         if input:
             text += self.input + input
-        return text + self.assistant
+        return text
+
+    def prompt(self, instruction: str, input: str = "") -> str:
+        """The text up to and including the response header."""
+        return self.task(instruction, input) + self.assistant
 
     def example(self, instruction: str, input: str, output: str) -> str:
         """A whole training example: prompt followed by the reference response."""

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write, atomic_write_text
 from gptlab.model import GPTConfig, GPTModel
+from gptlab.surgery import rebuild_head
 from gptlab.tokenizer import Tokenizer, get_tokenizer
 
 CONFIG_FILE = "config.json"
@@ -72,18 +73,24 @@ def read_run_config(run_dir: str | Path) -> dict:
     return config
 
 
+def source_metadata(source: str | Path) -> dict:
+    """A run directory's config.json; empty for any other source (a Hugging Face folder has no gptlab metadata)."""
+    if not (Path(source) / CONFIG_FILE).is_file():
+        return {}
+    try:
+        return read_run_config(source)
+    except GptlabError:
+        return {}
+
+
 def load_model_weights(
     model: GPTModel, state: dict[str, torch.Tensor], source: str | Path, assign: bool = False
 ) -> None:
     """Copy ``state`` into ``model``, with an error that names the mismatch instead of PyTorch's wall of keys.
 
-    An output head of another width than the vocabulary (a classifier's) replaces ``lm_head`` first.
     ``assign=True`` makes ``state``'s tensors the parameters instead of copying them: for a model built
     on the meta device, so that loading holds one copy of the weights, not two.
     """
-    head = state.get("lm_head.weight")
-    if head is not None and head.shape[0] != model.config.vocab_size:
-        model.lm_head = torch.nn.Linear(model.config.n_embd, head.shape[0], bias="lm_head.bias" in state)
     expected = model_state_dict(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -116,7 +123,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[G
     except (SafetensorError, OSError) as e:
         raise GptlabError(f"{weights}: corrupt weights file ({e})") from None
     with torch.device("meta"):  # no random init to overwrite: the loaded tensors become the parameters
-        model = GPTModel(GPTConfig.from_dict(config["model"]))
+        model = rebuild_head(GPTModel(GPTConfig.from_dict(config["model"])), config)
     load_model_weights(model, state, weights, assign=True)
     tokenizer = get_tokenizer(config["tokenizer"], base_dir=run_dir)
     return model.eval(), tokenizer, config

@@ -1,33 +1,41 @@
 """Text to token ids and back.
 
 Every tokenizer here satisfies one small interface (``Tokenizer``): ``encode``, ``decode``, ``n_vocab``,
-``eot_id``, ``name`` and ``save``. The rest of gptlab only ever talks to that interface.
+``eot_id``, ``name``, ``fingerprint`` and ``save``. The rest of gptlab only ever talks to that interface.
+Byte-level tokenizers also give the bytes of ids (``ByteLevelTokenizer.decode_bytes``), which lets
+streaming decode each new token once.
 
 - ``GPT2Tokenizer``: OpenAI's byte-level BPE through tiktoken, built from the vocabulary file shipped
   inside this package (``assets/gpt2.tiktoken``), so it never touches the network.
 - ``SimpleTokenizerV1`` / ``SimpleTokenizerV2``: the word-level tokenizers of the LLMs-from-scratch
   book's chapter 2, which teach the idea before BPE.
+- ``BPETokenizer`` (``gptlab.bpe``): byte-level BPE trained here; ``get_tokenizer`` loads it from its directory.
 """
 from __future__ import annotations
 
-import base64
 import json
 import re
 from collections.abc import Callable, Iterable
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import AbstractSet, Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
+# The BPE vocabulary concepts live in gptlab.bpe, below this module; they are re-exported from here.
+from gptlab.bpe import (  # noqa: F401
+    ENDOFTEXT,
+    GPT2_PATTERN,
+    TOKENIZER_FILE,
+    AllowedSpecial,
+    BPETokenizer,
+    fingerprint_of,
+    read_tiktoken_ranks,
+    vocabulary_fingerprint,
+)
 from gptlab.errors import GptlabError
 
-ENDOFTEXT = "<|endoftext|>"
 UNK = "<|unk|>"
-TOKENIZER_FILE = "tokenizer.json"  # the file that names a saved tokenizer's type
 GPT2_VOCAB_FILE = Path(__file__).parent / "assets" / "gpt2.tiktoken"
-# tiktoken's pre-tokenisation pattern for GPT-2 (r50k_base): contractions, letters, digits, punctuation, spaces.
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-AllowedSpecial = AbstractSet[str] | Literal["all"]
+GPT2_EOT_ID = 50256
 
 
 @runtime_checkable
@@ -40,6 +48,11 @@ class Tokenizer(Protocol):
     @property
     def eot_id(self) -> int | None: ...
 
+    @property
+    def fingerprint(self) -> str:
+        """A short hex hash of what each id means (vocabulary and special tokens): equal means interchangeable ids."""
+        ...
+
     def encode(self, text: str, allowed_special: AllowedSpecial = frozenset()) -> list[int]: ...
 
     def decode(self, ids: Iterable[int]) -> str: ...
@@ -49,25 +62,24 @@ class Tokenizer(Protocol):
         ...
 
 
-def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
-    """Read a ``.tiktoken`` rank file (one ``base64-token rank`` pair a line)."""
-    ranks: dict[bytes, int] = {}
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
-            except ValueError as e:
-                raise GptlabError(f"{path}:{lineno}: not a 'base64-token rank' line ({e})") from None
-    return ranks
+@runtime_checkable
+class ByteLevelTokenizer(Tokenizer, Protocol):
+    """A tokenizer whose ids stand for bytes: ``decode(ids)`` is ``decode_bytes(ids)`` read as UTF-8."""
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes: ...
+
+
+@lru_cache(maxsize=None)
+def _gpt2_fingerprint() -> str:
+    # read once per process: the encoder does not keep the ranks, and most runs never ask
+    return vocabulary_fingerprint(read_tiktoken_ranks(GPT2_VOCAB_FILE), {ENDOFTEXT: GPT2_EOT_ID})
 
 
 class GPT2Tokenizer:
     """GPT-2's byte-level BPE, encoded by tiktoken's Rust core from the shipped vocabulary."""
 
     name = "gpt2"
+    pattern = GPT2_PATTERN  # its pre-tokenization, which says where a long text may be cut (gptlab.bpe.text_blocks)
 
     def __init__(self) -> None:
         import tiktoken
@@ -76,7 +88,7 @@ class GPT2Tokenizer:
             name="gpt2",
             pat_str=GPT2_PATTERN,
             mergeable_ranks=read_tiktoken_ranks(GPT2_VOCAB_FILE),
-            special_tokens={ENDOFTEXT: 50256},
+            special_tokens={ENDOFTEXT: GPT2_EOT_ID},
         )
 
     @property
@@ -94,6 +106,14 @@ class GPT2Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode(list(ids), errors="replace")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self._enc.decode_bytes(list(ids))
+
+    @property
+    def fingerprint(self) -> str:
+        """The same as a ``BPETokenizer`` loaded from GPT-2's files: the ids mean the same bytes."""
+        return _gpt2_fingerprint()
 
     def save(self, directory: str | Path) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
@@ -129,6 +149,11 @@ class SimpleTokenizerV1:
     def eot_id(self) -> int | None:
         return self.str_to_int.get(ENDOFTEXT)
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """``fingerprint_of`` the vocabulary: each id's word."""
+        return fingerprint_of((i, b"word " + word.encode("utf-8")) for word, i in self.str_to_int.items())
+
     def _id(self, word: str, allowed: AllowedSpecial) -> int:
         if word not in self.str_to_int:
             raise GptlabError(f"word {word!r} is not in this tokenizer's vocabulary (use SimpleTokenizerV2 for <|unk|>)")
@@ -160,18 +185,12 @@ class SimpleTokenizerV2(SimpleTokenizerV1):
         return self.str_to_int.get(word, self.str_to_int[UNK])
 
 
-def _load_bpe(directory: Path, meta: dict) -> Tokenizer:
-    from gptlab.bpe import BPETokenizer  # imported on use: gptlab.bpe imports this module
-
-    return BPETokenizer.load(directory)
-
-
 # How each saved tokenizer type is rebuilt from its directory; other tokenizer modules register here.
 TOKENIZER_LOADERS: dict[str, Callable[[Path, dict], Tokenizer]] = {
     "gpt2": lambda directory, meta: get_tokenizer("gpt2"),
     "words-v1": lambda directory, meta: SimpleTokenizerV1(meta["vocab"]),
     "words-v2": lambda directory, meta: SimpleTokenizerV2(meta["vocab"]),
-    "bpe": _load_bpe,
+    "bpe": lambda directory, meta: BPETokenizer.load(directory),
 }
 
 

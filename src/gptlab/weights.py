@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from gptlab.errors import GptlabError
 from gptlab.model import GPTConfig, GPTModel
 from gptlab.files import atomic_write, atomic_write_text
+from gptlab.surgery import add_classifier_head
 from gptlab.run import BUILTIN_TOKENIZERS, CONFIG_FILE, load_model_weights, load_run
 from gptlab.tokenizer import Tokenizer, get_tokenizer
 
@@ -229,6 +230,9 @@ def _assemble(config: GPTConfig, state: State, source: str | Path) -> GPTModel:
     """A model of ``config`` whose parameters are ``state``'s tensors (no random init, no second copy)."""
     with torch.device("meta"):
         model = GPTModel(config)
+        head = state.get("lm_head.weight")
+        if head is not None and head.shape[0] != config.vocab_size:  # a foreign format's classifier (the book's
+            add_classifier_head(model, head.shape[0])                  # chapter 6) says so only by its shape
     dtype = torch.get_default_dtype()
     state = {k: v if v.dtype == dtype or not v.is_floating_point() else v.to(dtype) for k, v in state.items()}
     load_model_weights(model, state, source, assign=True)
