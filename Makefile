@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # Re-install when the project's dependencies change.
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup demo test clean browser-deps classifier bench
+.PHONY: setup demo test clean browser-deps classifier bench book-ch5
 setup: $(STAMP)
 
 $(PY):
@@ -33,6 +33,12 @@ classifier: setup
 	$(VENV)/bin/gptlab finetune-classifier --data data/SMSSpamCollection --balance --out runs/spam --overwrite
 	$(VENV)/bin/gptlab classify --model runs/spam "WINNER!! Claim your free prize now, call 09061701461" "See you at lunch?"
 
+# The LLMs-from-scratch book's chapter-5 run (its GPT_CONFIG_124M, initialisation and AdamW): README "Reproduce the book's chapter 5".
+book-ch5: setup
+	$(VENV)/bin/gptlab pretrain --data data/the-verdict.txt --preset book-124m --out runs/book-ch5 --overwrite --seed 123 \
+		--epochs 10 --batch-size 2 --lr 4e-4 --weight-decay 0.1 --adam-betas 0.9 0.999 \
+		--warmup-steps 0 --min-lr-ratio 1 --grad-clip 0 --eval-interval 5 --eval-train-batches 5
+
 # The chat page's browser test drives Debian's chromium + chromium-driver (nothing downloads a browser):
 # installed here when missing, if we can (root with apt-get); otherwise that one test says it is skipped.
 browser-deps:
@@ -45,6 +51,14 @@ browser-deps:
 bench: setup
 	$(PY) -m pip install -q -r benchmarks/requirements.txt --no-deps
 	$(PY) benchmarks/bench_speed.py $(BENCH_ARGS)
+
+# The tutorial notebooks in JupyterLab. Each tutorials/NN_*.py (jupytext percent format, the tracked file)
+# is paired with a tutorials/NN_*.ipynb made here (untracked: it keeps the outputs); saving in Jupyter writes both.
+.PHONY: tutorials
+tutorials: setup
+	$(PY) -m pip install -q -e '.[tutorials]'
+	$(VENV)/bin/jupytext --sync tutorials/[0-9][0-9]_*.py
+	$(VENV)/bin/jupyter lab --notebook-dir=tutorials
 
 test: setup browser-deps
 	$(PY) -m pytest -q

@@ -12,7 +12,10 @@ tokens/s percentiles, and how many responses completed (the script exits 1 if an
 
 Unless ``--url`` is given the server is started as a subprocess (`gptlab serve`), once per ``--max-active``
 value, so the same load compares the worker's interleaving (8: round robin between requests) with a plain
-queue (1: one request at a time) in one run, as ratios less sensitive to a busy machine.
+queue (1: one request at a time) in one run, as ratios less sensitive to a busy machine. ``--threads``
+does the same for torch's thread count in the server (`gptlab serve --threads`):
+
+    python benchmarks/bench_serve_load.py --clients 16 --duration 60 --max-active 8 --threads 2,1
 """
 from __future__ import annotations
 
@@ -153,14 +156,18 @@ def make_random_run(preset: str, directory: Path) -> Path:
 class ServerProcess:
     """`gptlab serve` in a subprocess, so the load generator does not share its interpreter (and GIL)."""
 
-    def __init__(self, model: str, max_active: int, max_queue: int, device: str) -> None:
+    def __init__(self, model: str, max_active: int, max_queue: int, device: str, threads: int | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gptlab.cli", "serve", "--model", model, "--port", str(self.port),
-             "--max-active", str(max_active), "--max-queue", str(max_queue), "--device", device],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "GPTLAB_API_KEY": ""})
+        command = [sys.executable, "-m", "gptlab.cli", "serve", "--model", model, "--port", str(self.port),
+                   "--max-active", str(max_active), "--max-queue", str(max_queue), "--device", device]
+        if threads is not None:
+            command += ["--threads", str(threads)]
+        # OMP_NUM_THREADS would cap torch's pool under --threads: the server gets the command's setting alone
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**env, "GPTLAB_API_KEY": ""})
 
     def __enter__(self) -> "ServerProcess":
         deadline = time.monotonic() + 120
@@ -206,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=15.0, help="seconds each load runs (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=48, help="new tokens per request (default: %(default)s)")
     p.add_argument("--max-active", default="1,8", help="worker settings to compare, comma-separated (default: %(default)s)")
+    p.add_argument("--threads", default=None,
+                   help="server torch threads to compare, comma-separated (default: the server's own default)")
     p.add_argument("--device", default="cpu", help="server device (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the summaries to this file")
     args = p.parse_args(argv)
@@ -218,12 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             model = args.model or str(make_random_run(args.preset, Path(tmp)))
-            for max_active in [int(v) for v in args.max_active.split(",")]:
-                with ServerProcess(model, max_active, max_queue=max(64, 2 * args.clients), device=args.device) as srv:
-                    label = f"{Path(model).name}, {args.clients} clients, max_active={max_active}"
-                    summaries.append(asyncio.run(run_load(srv.url, None, args.clients, args.duration,
-                                                          args.max_tokens, label)).summary())
-                show(summaries[-1])
+            thread_counts = [int(v) for v in args.threads.split(",")] if args.threads else [None]
+            for threads in thread_counts:
+                for max_active in [int(v) for v in args.max_active.split(",")]:
+                    with ServerProcess(model, max_active, max_queue=max(64, 2 * args.clients), device=args.device,
+                                       threads=threads) as srv:
+                        label = f"{Path(model).name}, {args.clients} clients, max_active={max_active}"
+                        if threads is not None:
+                            label += f", threads={threads}"
+                        summaries.append(asyncio.run(run_load(srv.url, None, args.clients, args.duration,
+                                                              args.max_tokens, label)).summary())
+                    show(summaries[-1])
         if len(summaries) > 1:
             base = summaries[0]
             for other in summaries[1:]:

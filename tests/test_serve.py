@@ -183,7 +183,10 @@ def test_api_key_is_required_on_v1_only(server):
     ({"top_k": 0}, "top_k"),
     ({"n": 4}, "n"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_p": 1.5}, "min_p"),
     ({"logprobs": 2}, "logprobs"),
     ({"prompt": []}, "prompt"),
 ])
@@ -194,6 +197,16 @@ def test_bad_values_are_400_naming_the_parameter(server, body, param):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_penalties_and_min_p_decode_as_gptlab_generate_does(client, served):
+    prompt = "Every effort moves"
+    settings = dict(presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.2, min_p=0.1)
+    r = client.completions.create(model="tiny-lm", prompt=prompt, max_tokens=12, temperature=0,
+                                  presence_penalty=0.5, frequency_penalty=0.3,
+                                  extra_body={"repetition_penalty": 1.2, "min_p": 0.1})
+    assert r.choices[0].text == reference(served, prompt, 12, **settings)
+    assert r.choices[0].text != reference(served, prompt, 12)  # the penalties changed what greedy picks
 
 
 def test_sampling_follows_gptlabs_one_rule_set(client, served):
@@ -285,7 +298,7 @@ def test_long_stream_leaves_health_responsive_and_disconnect_cancels_it(server):
             first = next(line for line in lines if line.startswith("data: "))
             assert json.loads(first[6:])["choices"][0]["text"]
             started = time.monotonic()
-            health = httpx.get(server.url + "/health").json()
+            health = httpx.get(server.url + "/health", headers=auth()).json()  # the details need the key
             assert time.monotonic() - started < 2.0
             assert health["active"] == 1
         # leaving the block closes the connection mid-stream

@@ -36,6 +36,7 @@ import base64
 import hashlib
 import heapq
 import json
+import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property, lru_cache
@@ -610,6 +611,11 @@ def train_bpe_from_counts(
                         where.pop(pair, None)
                     if new in pair and n:
                         heapq.heappush(heap, (-n, vocab[pair[0]], vocab[pair[1]], pair[0], pair[1]))
+    if len(vocab) < n_tokens:  # every pre-token is one token already: the corpus has no pair left to merge
+        logging.getLogger("gptlab").warning(
+            "vocabulary size %d not reached: the corpus has no more pairs to merge, so the tokenizer has %d tokens "
+            "(256 bytes + %d merges + %d special); a larger corpus gives more", vocab_size,
+            len(vocab) + len(special_tokens), len(merges), len(special_tokens))
     ranks = {token: i for i, token in enumerate(vocab)}
     specials = {text: len(vocab) + k for k, text in enumerate(special_tokens)}
     return BPETokenizer(ranks, specials, merges=merges, backend=backend)

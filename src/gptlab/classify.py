@@ -32,7 +32,7 @@ from gptlab.errors import GptlabError
 from gptlab.evaluate import ClassificationReport, classification_report
 from gptlab.files import atomic_write_text, read_text
 from gptlab.model import GPTModel
-from gptlab.run import load_run, read_run_config
+from gptlab.run import check_output_path, load_run, read_run_config
 from gptlab.tokenizer import Tokenizer
 
 log = logging.getLogger("gptlab")
@@ -129,8 +129,11 @@ def classify_file(classifier: Classifier, input_path: str | Path, output_path: s
     """Classify every text of ``input_path`` (``.txt``: one per line; else a table or JSONL) into ``output_path``.
 
     Output by suffix: ``.jsonl`` (one object per text), ``.csv``, anything else tab-separated; standard output
-    (tab-separated) when ``output_path`` is None. Returns a report when the input has a label column.
+    (tab-separated) when ``output_path`` is None. Returns a report when the input has a label column. The
+    output is checked before any text is classified: writable, not the input, not a file of a run.
     """
+    if output_path:
+        check_output_path(output_path, [input_path])
     table = _read_texts(Path(input_path), text_column, label_column, header)
     probs = classifier.predict_proba(table.texts, batch_size, progress=True)  # (N, K)
     best = probs.argmax(-1).tolist()

@@ -15,20 +15,23 @@ import argparse
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 import types
 import typing
 from dataclasses import fields, replace
 
 from gptlab.config import (
-    API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, INSTRUCT_TRAINING, JUDGE_BASE_URL, JUDGE_MODEL, PRETRAIN_TRAINING, ClassifierSettings, InstructSettings,
+    API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, DPO_TRAINING, INSTRUCT_TRAINING, JUDGE_BASE_URL, JUDGE_MAX_TOKENS, JUDGE_MODEL, PRETRAIN_TRAINING, ClassifierSettings, InstructSettings,
     PretrainSettings, SamplingConfig, ServeLimits, TrainConfig, classifier_training,
 )
+from gptlab.config import DPOSettings
 from gptlab.errors import GptlabError
 
 log = logging.getLogger("gptlab")
 
-TRAINING_COMMANDS = ("pretrain", "finetune-classifier", "finetune-instruct")
+TRAINING_COMMANDS = ("pretrain", "finetune-classifier", "finetune-instruct", "finetune-dpo")
 
 
 # ---- options from dataclasses -------------------------------------------------------------------
@@ -43,7 +46,8 @@ def add_options(group, cls, defaults=None, skip: tuple[str, ...] = (), shown: di
     ``shown`` replaces the default text of some fields (a default that depends on another option).
     """
     hints = typing.get_type_hints(cls)
-    for f in fields(cls):
+    own = cls.__dict__.get("__annotations__", {})  # a class's own fields first, then those it inherits
+    for f in sorted(fields(cls), key=lambda f: f.name not in own):
         if f.name in skip or "help" not in f.metadata:
             continue
         meta, kind = f.metadata, hints[f.name]
@@ -51,7 +55,9 @@ def add_options(group, cls, defaults=None, skip: tuple[str, ...] = (), shown: di
         kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS}
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         base = args[0] if typing.get_origin(kind) in (typing.Union, types.UnionType) else kind  # X | None: X
-        if base is bool:
+        if base is bool and meta.get("flag", "").startswith("--no-"):
+            kwargs.update(action="store_const", const=False)  # a None default: the preset decides
+        elif base is bool:
             kwargs["action"] = "store_true"
         elif typing.get_origin(base) is tuple and typing.get_args(base)[-1] is Ellipsis:
             kwargs.update(action="append", type=typing.get_args(base)[0])
@@ -79,13 +85,27 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults: TrainConfig, shown
     """The training loop's options, with a stage's own defaults shown in --help."""
     g = p.add_argument_group("training")
     add_options(g, TrainConfig, defaults, shown=shown)
-    g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly where it stopped, with its own settings and data; only a "
+                        "larger --max-steps/--epochs (the extra steps run at the schedule's final lr) or another "
+                        "--device may be given besides")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def train_config(args: argparse.Namespace, defaults: TrainConfig) -> TrainConfig:
     return replace(defaults, **given(args, TrainConfig))
+
+
+def train_options(args: argparse.Namespace) -> dict:
+    """The training options the user typed: the stage adds its defaults, or on --resume compares them with the
+    run's own (``gptlab.run.start_stage``)."""
+    return given(args, TrainConfig)
+
+
+def stopped_status(result) -> int:
+    """A run stopped by a signal exits as the shell reports one: 128 + its number (SIGINT 130, SIGTERM 143)."""
+    return 128 + (result.stop_signal or 2) if result.interrupted else 0
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, defaults: SamplingConfig = SamplingConfig()) -> None:
@@ -120,8 +140,10 @@ def add_prepare(sub) -> None:
 
 def run_prepare(args) -> None:
     from gptlab.data import prepare_token_file
+    from gptlab.files import check_output_file
     from gptlab.tokenizer import get_tokenizer
 
+    check_output_file(args.out, [args.input], "--out")  # before tokenizing a corpus for minutes
     header = prepare_token_file(args.input, args.out, get_tokenizer(args.tokenizer))
     print(f"wrote {args.out}: {header['n_tokens']:,} tokens ({header['dtype']}) from {header['n_files']} file(s)")
 
@@ -142,12 +164,12 @@ def run_pretrain(args) -> int:
     options = given(args, PretrainSettings)
     if options.get("sample_prompt") == "":
         options["sample_prompt"] = None
-    result = pretrain(out=args.out, train_config=train_config(args, PRETRAIN_TRAINING), resume=args.resume,
+    result = pretrain(options.pop("data", None), args.out, train_config=train_options(args), resume=args.resume,
                       overwrite=args.overwrite, progress=not args.quiet, **options)
     val = f", val loss {result.val_loss:.3f}" if result.val_loss is not None else ""
     print(f"{'stopped' if result.interrupted else 'done'}: step {result.step}, train loss {result.train_loss:.3f}{val}; "
           f"run saved in {args.out}" + (" (continue with --resume)" if result.interrupted else ""))
-    return 130 if result.interrupted else 0
+    return stopped_status(result)
 
 
 def add_generate(sub) -> None:
@@ -161,17 +183,43 @@ def add_generate(sub) -> None:
 
 def run_generate(args) -> None:
     from gptlab.device import select_device
-    from gptlab.generate import stream_text
-    from gptlab.weights import load
+    from gptlab.generate import generate_texts, stream_text
+    from gptlab.speculative import SpeculationStats
+    from gptlab.weights import load, require_language_model
 
     sampling = sampling_kwargs(args)
     model, tokenizer = load(args.model, device=select_device(args.device))
+    require_language_model(model, args.model, "generate")
+    load_draft(sampling, model, tokenizer)
+    n = sampling["num_return_sequences"]
+    if n > 1:  # several answers: each printed whole once all are done
+        for i, text in enumerate(generate_texts(model, tokenizer, args.prompt, **sampling), 1):
+            print(f"--- {i} of {n} ---\n{args.prompt}{text}")
+        return
+    speculation = SpeculationStats()
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    for piece in stream_text(model, tokenizer, args.prompt, **sampling):
+    for piece in stream_text(model, tokenizer, args.prompt, speculation=speculation, **sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if speculation.proposed:
+        log.info("speculative decoding: %d of %d guessed tokens kept (%.0f%%) in %d checks", speculation.accepted,
+                 speculation.proposed, 100 * speculation.acceptance_rate, speculation.rounds)
+
+
+def load_draft(sampling: dict, model, tokenizer) -> None:
+    """--draft SOURCE: load the draft model beside the model and put it in ``sampling`` in place of its source."""
+    if sampling.get("draft") is None:
+        return
+    from gptlab.generate import check_draft
+    from gptlab.weights import load, require_language_model
+
+    source = sampling["draft"]
+    draft, draft_tokenizer = load(source, device=next(model.parameters()).device)
+    require_language_model(draft, source, "--draft")
+    check_draft(model, draft, tokenizer, draft_tokenizer, name=f"--draft {source}")
+    sampling["draft"] = draft
 
 
 def add_export(sub) -> None:
@@ -181,15 +229,19 @@ def add_export(sub) -> None:
                                    "transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR) loads.")
     p.add_argument("--format", required=True, choices=["hf"], help="hf: Hugging Face transformers' GPT-2")
     p.add_argument("source", help="model to export")
-    p.add_argument("out_dir", help="folder to write")
+    p.add_argument("out_dir", help="folder to write (a new or empty one; never SOURCE itself)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a folder that is not empty: its config.json, model.safetensors (and shard "
+                        "index, shards, pytorch_model.bin) are replaced, other files stay")
     p.set_defaults(run=run_export)
 
 
 def run_export(args) -> None:
-    from gptlab.weights import export_hf, load
+    from gptlab.weights import check_export_dir, export_hf, load
 
+    check_export_dir(args.out_dir, args.overwrite, args.source)  # before reading a model of gigabytes
     model, tokenizer = load(args.source)
-    export_hf(model, args.out_dir, tokenizer)
+    export_hf(model, args.out_dir, tokenizer, overwrite=args.overwrite)
     print(f"wrote {args.out_dir}: Hugging Face GPT-2 ({model.num_parameters() / 1e6:.1f}M parameters)")
 
 
@@ -208,8 +260,16 @@ def add_train_tokenizer(sub) -> None:
 
 
 def run_train_tokenizer(args) -> None:
-    from gptlab.bpe import train_bpe_files
+    from pathlib import Path
 
+    from gptlab.bpe import train_bpe_files
+    from gptlab.files import check_writable_dir
+
+    if any(Path(path).is_dir() for path in args.input):
+        raise GptlabError(f"--input {next(p for p in args.input if Path(p).is_dir())} is a folder; give text file(s)")
+    if Path(args.out).is_file():
+        raise GptlabError(f"--out {args.out} is a file; give a folder for the tokenizer's files")
+    check_writable_dir(args.out, "--out")  # before learning merges for minutes
     specials = args.special if args.special is not None else ["<|endoftext|>"]
     tokenizer = train_bpe_files(args.input, args.vocab_size, special_tokens=specials, progress=not args.quiet)
     tokenizer.save(args.out)
@@ -236,7 +296,7 @@ def run_finetune_instruct(args) -> int:
     from gptlab.run import read_run_config
 
     options = given(args, InstructSettings)
-    result = finetune_instruct(options.pop("data", None), args.out, train_config=train_config(args, INSTRUCT_TRAINING),
+    result = finetune_instruct(options.pop("data", None), args.out, train_config=train_options(args),
                                resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, **options)
     before = read_run_config(args.out).get("initial_val_loss")
     val = ""
@@ -245,15 +305,22 @@ def run_finetune_instruct(args) -> int:
     print(f"{'stopped' if result.interrupted else 'done'}: step {result.step}, train loss {result.train_loss:.3f}{val}; "
           f"run saved in {args.out}" + (" (continue with --resume)" if result.interrupted else
                                         f"\nnext: gptlab respond --model {args.out} --output {args.out}/responses.json"))
-    return 130 if result.interrupted else 0
+    return stopped_status(result)
 
 
-def _load_instruct_model(args):
+def _load_instruct_model(args, sampling: dict | None = None):
+    """The model, its tokenizer and prompt style; with ``sampling``, also the --draft model, loaded into it."""
     from gptlab.device import select_device
     from gptlab.respond import model_prompt_style
-    from gptlab.weights import load
+    from gptlab.weights import load, require_language_model
 
+    if sampling is not None and sampling["num_return_sequences"] != 1:
+        raise GptlabError(f"{args.command} gives one answer per {'turn' if args.command == 'chat' else 'record'}; "
+                          "drop --num-return-sequences (gptlab generate prints several)")
     model, tokenizer = load(args.model, device=select_device(args.device))
+    require_language_model(model, args.model, args.command)
+    if sampling is not None:
+        load_draft(sampling, model, tokenizer)
     return model, tokenizer, model_prompt_style(args.model, args.prompt_style)
 
 
@@ -285,13 +352,17 @@ def run_respond(args) -> None:
     from gptlab.files import atomic_write_text
     from gptlab.instruction_data import TEST_FILE, load_instruction_records
     from gptlab.respond import respond
+    from gptlab.run import check_output_path
 
     sampling = sampling_kwargs(args)
+    if args.limit is not None and args.limit <= 0:
+        raise GptlabError(f"--limit must be a positive number of records, got {args.limit}")
     source = args.input or Path(args.model) / TEST_FILE
     if args.input is None and not Path(source).is_file():
         raise GptlabError(f"no --input given and {source} does not exist; pass --input FILE")
+    check_output_path(args.output, [source])  # before generating every answer
     records = load_instruction_records(source)[:args.limit]
-    model, tokenizer, style = _load_instruct_model(args)
+    model, tokenizer, style = _load_instruct_model(args, sampling)
     answered = respond(model, tokenizer, style, records, key=args.key, progress=not args.quiet, **sampling)
     atomic_write_text(args.output, json.dumps(answered, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {args.output}: {len(answered)} records answered in the {style.name} style\n"
@@ -313,7 +384,7 @@ def run_chat(args) -> None:
     from gptlab.chat import chat
 
     sampling = sampling_kwargs(args)
-    model, tokenizer, style = _load_instruct_model(args)
+    model, tokenizer, style = _load_instruct_model(args, sampling)
     chat(model, tokenizer, style, system=args.system, **sampling)
 
 
@@ -334,17 +405,24 @@ def add_judge(sub) -> None:
     p.add_argument("--api-key", default=None, help="API key (better: env GPTLAB_JUDGE_API_KEY or OPENAI_API_KEY)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each reply (default: %(default)s)")
     p.add_argument("--retries", type=int, default=3, help="retries of a timed-out or failed request (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=JUDGE_MAX_TOKENS,
+                   help="longest reply asked of the judge, in tokens; the score is one number, so this only stops a "
+                        "judge that rambles (raise it for one that reasons before it answers; default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_judge)
 
 
 def run_judge(args) -> None:
-    from gptlab.evaluate import JudgeClient, evaluate_responses
+    from gptlab.evaluate import JudgeClient, evaluate_responses, judge_output_paths
+    from gptlab.run import check_output_path
 
     client = None
     if not args.offline:
         key = args.api_key or os.environ.get("GPTLAB_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        client = JudgeClient(args.base_url, args.judge_model, key, timeout=args.timeout, retries=args.retries)
+        client = JudgeClient(args.base_url, args.judge_model, key, timeout=args.timeout, retries=args.retries,
+                             max_tokens=args.max_tokens)
+    for option, path in judge_output_paths(args.input, args.output, judged=client is not None).items():
+        check_output_path(path, [args.input], option)  # never onto the input or a run's own files
     s = evaluate_responses(args.input, args.output, args.key, client, progress=not args.quiet)
     print(f"{s['n']} records: ROUGE-L {s['rouge_l']:.4f}, exact match {s['exact_match']:.2%}")
     if client is not None:
@@ -364,22 +442,72 @@ def add_serve(sub) -> None:
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
     p.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV} if set)")
+                   help=f"require 'Authorization: Bearer KEY' on every route but the chat page and /health, "
+                        f"checked before a request's body is read (default: ${API_KEY_ENV} if set)")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the run directory's name)")
     p.add_argument("--prompt-style", default=None, help="chat prompt style (default: the run's, else alpaca)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
+                   help="also answer requests naming HOST in their Host header (repeatable; '*': any). Requests "
+                        "that reach a loopback address must name localhost, 127.0.0.1 or [::1] otherwise, so a "
+                        "web page cannot reach the server by DNS rebinding")
     add_device_argument(p)
+    from gptlab.config import default_serve_threads
+
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help=f"torch threads for the model (default: half the cores, at least 1: "
+                        f"{default_serve_threads()} here; torch's own default, every core, serves less under load)")
     add_options(p.add_argument_group("limits"), ServeLimits)
     p.set_defaults(run=run_serve)
 
 
 def run_serve(args) -> None:
+    from gptlab.config import default_serve_threads
+
     limits = ServeLimits.from_options(**given(args, ServeLimits))
+    threads = default_serve_threads() if args.threads is None else args.threads
+    if threads < 1:
+        raise GptlabError(f"--threads must be at least 1, got {threads}")
     try:
         from gptlab.serve import serve
     except ImportError as e:
         raise GptlabError(f"serving needs FastAPI and uvicorn ({e}); pip install 'gptlab[serve]'") from None
+    import torch
+
+    torch.set_num_threads(threads)  # process-wide, so the command sets it, not the library
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-          limits=limits, device=args.device, name=args.model_name, prompt_style=args.prompt_style)
+          limits=limits, device=args.device, name=args.model_name, prompt_style=args.prompt_style,
+          allowed_hosts=tuple(args.allowed_host))
+
+
+# ---- preference tuning (DPO) -------------------------------------------------------------------
+
+def add_finetune_dpo(sub) -> None:
+    p = sub.add_parser("finetune-dpo", help="align an instruction-tuned model with preference pairs (DPO)",
+                       description="Direct preference optimisation: --init (a finetune-instruct run) learns to prefer "
+                                   "each record's 'chosen' answer over its 'rejected' one, relative to its own "
+                                   "frozen starting point. Writes an ordinary run directory (chat, respond, serve "
+                                   "and export read it) with the DPO loss, rewards, reward margin and reward "
+                                   "accuracy in metrics.csv, plotted in loss.png, rewards.png and "
+                                   "reward_accuracy.png.")
+    add_options(p, DPOSettings)
+    p.add_argument("--out", required=True, help="run directory to write")
+    add_train_arguments(p, DPO_TRAINING)
+    p.set_defaults(run=run_finetune_dpo)
+
+
+def run_finetune_dpo(args) -> int:
+    from gptlab.finetune.dpo import finetune_dpo, format_dpo_summary
+    from gptlab.run import read_run_config
+
+    options = given(args, DPOSettings)
+    result = finetune_dpo(options.pop("data", None), args.out, train_config=train_options(args),
+                          resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, **options)
+    last = next((r for r in reversed(result.history) if r.get("val_loss") not in (None, "")), {})
+    summary = format_dpo_summary(read_run_config(args.out).get("initial"), last)
+    print(f"{'stopped' if result.interrupted else 'done'}: step {result.step}, train loss {result.train_loss:.3f}"
+          + (f"; {summary}" if summary else "") + f"; run saved in {args.out}"
+          + (" (continue with --resume)" if result.interrupted else f"\nnext: gptlab chat --model {args.out}"))
+    return stopped_status(result)
 
 
 # ---- classification fine-tuning and classify ----------------------------------------------------
@@ -405,11 +533,11 @@ def run_finetune_classifier(args) -> int:
 
     options = given(args, ClassifierSettings)
     result = finetune_classifier(
-        out=args.out, train_config=train_config(args, classifier_training(options.get("init"))), resume=args.resume,
+        options.pop("data", None), args.out, train_config=train_options(args), resume=args.resume,
         overwrite=args.overwrite, progress=not args.quiet, **options)
     if result.train.interrupted:
         print(f"stopped at step {result.train.step}; run saved in {args.out} (continue with --resume)")
-        return 130
+        return stopped_status(result.train)
     for name in ("train", "val", "test"):
         if name in result.reports:
             r = result.reports[name]
@@ -448,6 +576,7 @@ def add_classify(sub) -> None:
 def run_classify(args) -> None:
     from gptlab.classify import Classifier, classify_file
     from gptlab.device import select_device
+    from gptlab.run import check_output_path
 
     if bool(args.texts) == bool(args.input):
         raise GptlabError("give either TEXT arguments or --input FILE (one of them)")
@@ -455,6 +584,8 @@ def run_classify(args) -> None:
         raise GptlabError("--output needs --input")
     if args.batch_size <= 0:
         raise GptlabError(f"batch-size must be positive, got {args.batch_size}")
+    if args.output:
+        check_output_path(args.output, [args.input])  # before classifying every text
     classifier = Classifier.load(args.model, device=select_device(args.device))
     if args.texts:
         for text, pred in zip(args.texts, classifier.predict(args.texts, args.batch_size)):
@@ -469,7 +600,7 @@ def run_classify(args) -> None:
 
 
 COMMANDS = [add_prepare, add_pretrain, add_generate, add_export, add_train_tokenizer,
-            add_finetune_instruct, add_respond, add_chat, add_judge, add_serve,
+            add_finetune_instruct, add_finetune_dpo, add_respond, add_chat, add_judge, add_serve,
             add_finetune_classifier, add_classify]
 
 
@@ -500,10 +631,25 @@ def prepare_process(command: str) -> None:
         keep_freed_memory_mapped()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that half-written files are removed on the way out."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
     logging.getLogger("gptlab").setLevel(logging.INFO)
+    previous_sigterm = None
+    # The server handles signals itself, and chat takes Ctrl-C to stop an answer: SIGTERM keeps its default there
+    # (the process ends; the shell reports 143), as nothing is being written.
+    if args.command not in ("serve", "chat") and threading.current_thread() is threading.main_thread():
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         prepare_process(args.command)
         return args.run(args) or 0
@@ -517,9 +663,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # permission denied, disk full, ...: the system's own words, on one line
         print(f"gptlab {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C: 130; SIGTERM: 143, as the shell reports a process a signal ended
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"\n{signal.Signals(signum).name}: stopped", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ import hashlib
 import http.client
 import json
 import logging
+import math
 import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,9 +21,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from gptlab.config import JUDGE_BASE_URL, JUDGE_MODEL
+from gptlab.config import JUDGE_BASE_URL, JUDGE_MAX_TOKENS, JUDGE_MODEL
 from gptlab.errors import GptlabError
-from gptlab.files import atomic_write_text
+from gptlab.files import atomic_write_text, check_output_file
 from gptlab.instruction_data import RESPONSE_KEY, load_instruction_records
 from gptlab.plotting import new_figure, save_figure
 from gptlab.prompts import ALPACA
@@ -233,10 +235,15 @@ class JudgeClient:
 
     def __init__(self, base_url: str = JUDGE_BASE_URL, model: str = JUDGE_MODEL, api_key: str | None = None,
                  timeout: float = 60.0, retries: int = 3, backoff: float = 1.0, temperature: float | None = 0.0,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        if timeout <= 0 or retries < 0 or backoff < 0:
-            raise GptlabError(f"judge timeout must be > 0 and retries, backoff >= 0; got {timeout}, {retries}, {backoff}")
-        self.base_url, self.model, self.api_key = base_url.rstrip("/"), model, api_key
+                 sleep: Callable[[float], None] = time.sleep, max_tokens: int | None = JUDGE_MAX_TOKENS) -> None:
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise GptlabError(f"--timeout must be a positive number of seconds, got {timeout}")
+        if retries < 0 or not (math.isfinite(backoff) and backoff >= 0):
+            raise GptlabError(f"--retries must be >= 0 (and the backoff a finite number >= 0); got {retries}, {backoff}")
+        if max_tokens is not None and max_tokens <= 0:
+            raise GptlabError(f"--max-tokens must be positive, got {max_tokens}")
+        check_base_url(base_url)
+        self.base_url, self.model, self.api_key, self.max_tokens = base_url.rstrip("/"), model, api_key, max_tokens
         self.url = self.base_url + "/chat/completions"
         self.timeout, self.retries, self.backoff, self.temperature = timeout, retries, backoff, temperature
         self.sleep = sleep
@@ -246,6 +253,8 @@ class JudgeClient:
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "seed": 123}
         if self.temperature is not None:
             body["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
         for attempt in range(self.retries + 1):
             try:
                 return self._post(body)
@@ -291,6 +300,18 @@ class JudgeClient:
             return json.loads(raw)["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):
             raise _Retryable(f"not a chat completion: {raw[:120]!r}") from None
+
+
+def check_base_url(url: str) -> None:
+    """An http(s) URL with a host, such as http://localhost:11434/v1; anything else is one clear line."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018  (a port that is not a number raises here)
+    except ValueError:
+        parts = parts._replace(netloc="")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise GptlabError(f"--base-url {url!r} is not an http(s) URL with a host; give the endpoint's base, e.g. "
+                          f"{JUDGE_BASE_URL} (Ollama) or https://api.openai.com/v1")
 
 
 def _http_error_message(error: urllib.error.HTTPError) -> str:
@@ -415,6 +436,19 @@ def plot_score_histogram(scores: Sequence[float], path: str | Path, title: str =
     save_figure(fig, path)
 
 
+def judge_output_paths(input_path: str | Path, output_path: str | Path | None = None,
+                       judged: bool = True) -> dict[str, Path]:
+    """What ``evaluate_responses`` writes: the scored records (default ``INPUT.judged.json``) and, with a judge,
+    its cache (the output's name with ``.cache.jsonl`` for its suffix: ``INPUT.judged.cache.jsonl``) and the
+    histogram (``.png``)."""
+    input_path = Path(input_path)
+    output = Path(output_path) if output_path else input_path.with_name(input_path.stem + ".judged.json")
+    paths = {"--output": output}
+    if judged:
+        paths.update({"the judge's cache": output.with_suffix(".cache.jsonl"), "the histogram": output.with_suffix(".png")})
+    return paths
+
+
 def evaluate_responses(input_path: str | Path, output_path: str | Path | None = None, key: str = RESPONSE_KEY,
                        client: JudgeClient | None = None, progress: bool = True) -> dict:
     """Score the answers in ``input_path`` (written by ``gptlab respond``): ROUGE-L and exact match always,
@@ -424,12 +458,15 @@ def evaluate_responses(input_path: str | Path, output_path: str | Path | None = 
     judge, the score histogram as PNG beside it. Returns the summary.
     """
     input_path = Path(input_path)
+    paths = judge_output_paths(input_path, output_path, judged=client is not None)
+    for option, path in paths.items():  # before judging: never onto the input, never an unwritable place
+        check_output_file(path, [input_path], option)
     records = load_instruction_records(input_path)
-    output_path = Path(output_path) if output_path else input_path.with_name(input_path.stem + ".judged.json")
+    output_path = paths["--output"]
     summary = offline_scores(records, key, str(input_path))
     summary.update(output=str(output_path))
     if client is not None:
-        cache = JudgeCache(output_path.with_suffix(".cache.jsonl"))
+        cache = JudgeCache(paths["the judge's cache"])
         records = judge_records(records, client, cache, key, str(input_path), progress)
         scores = [r[JUDGE_SCORE_KEY] for r in records if r[JUDGE_SCORE_KEY] is not None]
         summary.update(judge_model=client.model, judge_url=client.base_url, judged=len(scores),
@@ -437,7 +474,7 @@ def evaluate_responses(input_path: str | Path, output_path: str | Path | None = 
                        judge_mean=sum(scores) / len(scores) if scores else None,
                        histogram=score_histogram(scores), text_histogram=text_histogram(scores))
         if scores:
-            plot_path = output_path.with_suffix(".png")
+            plot_path = paths["the histogram"]
             plot_score_histogram(scores, plot_path, title=f"{client.model} judging {input_path.name}")
             summary["plot"] = str(plot_path)
     atomic_write_text(output_path, json.dumps(records, indent=2, ensure_ascii=False) + "\n")

@@ -5,15 +5,22 @@
 - ``read_text`` / ``text_files``: UTF-8 input with errors that name the file and byte offset.
 - ``read_text_chunks``: the same, streamed a block at a time, so a corpus larger than memory can be read.
 - ``read_json_records``: the records of a JSON list or JSONL file, each with its line, checked.
+- ``check_output_file``: an output path checked before the work that fills it (writable, not a folder,
+  not one of the inputs), so a long job never ends on an unwritable path.
+- ``fingerprint``: size and SHA-256 of a file or folder, so a resumed run can tell its data was changed.
+- ``remove_stale_temps``: temporary files that a killed writer left behind.
 """
 from __future__ import annotations
 
 import codecs
+import errno
+import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from gptlab.errors import GptlabError
@@ -30,18 +37,158 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
 
     The file gets the permissions an ordinary ``open()`` would give it (0666 less the umask), not
     ``mkstemp``'s private 0600, so a run directory is as readable as any other file the user writes.
+    A write that fails for want of space or permission is a ``GptlabError`` naming ``path`` (never the
+    hidden temporary name), and the temporary file is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise GptlabError(f"{path}: cannot write it ({e.strerror or e})") from None
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        reason = write_failure(e, path.parent)  # asked before the partial file frees its space
         Path(tmp).unlink(missing_ok=True)
+        if reason is not None:
+            raise GptlabError(f"{path}: cannot write it ({reason})") from None
         raise
+
+
+DISK_FULL = "no space left on device"
+
+
+def write_failure(error: BaseException, directory: str | Path) -> str | None:
+    """Why writing into ``directory`` failed, when ``error`` is a failed write rather than a bug; else None.
+
+    An ``OSError`` says so itself. Libraries that write files in native code raise their own types with
+    other words (safetensors: "I/O error: No space left on device"; torch.save: "unexpected pos 576 vs
+    534"), so a disk left with (almost) no free space is taken as the cause too.
+    """
+    if isinstance(error, GptlabError):
+        return None
+    if isinstance(error, OSError):
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DISK_FULL
+        return error.strerror or str(error)
+    if not isinstance(error, Exception):
+        return None  # KeyboardInterrupt, SystemExit: not a write failure
+    if "No space left" in str(error) or "os error 28" in str(error):
+        return DISK_FULL
+    try:
+        if shutil.disk_usage(directory).free < (1 << 20):
+            return DISK_FULL
+    except OSError:
+        pass
+    return None
+
+
+def check_output_file(path: str | Path, inputs: Iterable[str | Path] = (), option: str = "--output") -> Path:
+    """Refuse an output path before any work is done: a folder, one of ``inputs``, or a place that cannot be
+    written (a file where a folder must be, no permission, a read-only or virtual file system).
+
+    Writability is tried, not guessed from permission bits (which say yes to root, even under /proc): a
+    temporary file is created in the nearest existing folder and removed at once.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise GptlabError(f"{option} {path} is a folder; give a file name, e.g. {path / 'out.json'}")
+    for source in inputs:
+        if source is not None and same_path(path, source):
+            raise GptlabError(f"{option} {path} is also the input; write the output to another file")
+    check_writable_dir(path.parent, option, path)
+    return path
+
+
+def check_writable_dir(directory: str | Path, option: str, target: str | Path | None = None) -> None:
+    """Raise unless files can be created in ``directory`` (or, if it does not exist yet, in its nearest existing
+    ancestor, where the missing folders would be made)."""
+    directory = Path(directory)
+    target = Path(target) if target is not None else directory
+    existing = next(p for p in (directory, *directory.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise GptlabError(f"{option} {target}: {existing}: a file stands where a directory has to be created; "
+                          "choose another output path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".gptlab-write-test.", suffix=".tmp", dir=existing)
+    except OSError as e:
+        raise GptlabError(f"{option} {target}: cannot create files in {existing} ({e.strerror or e}); "
+                          "choose another output path") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """Do ``a`` and ``b`` name one file (or folder)? Also through links, and for paths that do not exist yet."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+# Temporary names: atomic_write's ``.NAME.XXXXXXXX.tmp`` (mkstemp's 8 random characters) and the
+# ``.tmpXXXXXX`` that safetensors' native writer creates beside its target.
+_STALE_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$|^\.tmp[A-Za-z0-9]{6}$")
+
+
+def remove_stale_temps(directory: str | Path) -> tuple[int, int]:
+    """Delete the temporary files that writers killed mid-write left in ``directory`` (not below it);
+    returns ``(files, bytes)`` removed. Call it only where no other writer is at work."""
+    directory = Path(directory)
+    count = size = 0
+    if not directory.is_dir():
+        return 0, 0
+    for p in directory.iterdir():
+        if _STALE_TEMP.match(p.name) and p.is_file() and not p.is_symlink():
+            try:
+                n = p.stat().st_size
+                p.unlink()
+            except OSError:
+                continue
+            count, size = count + 1, size + n
+    return count, size
+
+
+# ---- fingerprints --------------------------------------------------------------------------------
+
+FULL_HASH_BYTES = 256 << 20  # larger files are hashed by their size and their first and last ENDS_BYTES
+ENDS_BYTES = 16 << 20
+
+
+def fingerprint(path: str | Path) -> dict:
+    """Size and SHA-256 of a file, or of every file below a folder (names included), to recognise data again.
+
+    A file over 256 MiB is hashed by its size and its first and last 16 MiB, so that a multi-gigabyte token
+    file is recognised in a moment (its header, in the first 4 KiB, holds its token count and tokenizer).
+    """
+    path = Path(path)
+    files = text_files(path)
+    digest, total = hashlib.sha256(), 0
+    for f in files:
+        size = f.stat().st_size
+        total += size
+        if path.is_dir():
+            digest.update(f"{f.relative_to(path).as_posix()}\0{size}\0".encode())
+        _hash_file(digest, f, size)
+    return {"bytes": total, "files": len(files), "sha256": digest.hexdigest()}
+
+
+def _hash_file(digest, path: Path, size: int) -> None:
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+            return
+        digest.update(f.read(ENDS_BYTES))
+        f.seek(size - ENDS_BYTES)
+        digest.update(f.read(ENDS_BYTES))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -100,6 +247,8 @@ def read_text_chunks(path: str | Path, chunk_bytes: int = READ_CHUNK_BYTES,
     tokenization allows.
     """
     path = Path(path)
+    if path.is_dir():
+        raise GptlabError(f"{path} is a folder; give a file")
     if not path.is_file():
         raise GptlabError(f"{path}: no such file")
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -135,6 +284,8 @@ def read_json_records(path: str | Path, what: str = "a JSON object") -> list[tup
     path = Path(path)
     text = read_text(path).removeprefix("\ufeff")  # a byte-order mark some editors write
     records = _json_list(text, path) if text.lstrip().startswith("[") else _json_lines(text, path)
+    if len(records) == 1:
+        _refuse_wrapped_list(records[0][1], path)
     if not records:
         raise GptlabError(f"{path}: no records; expected a JSON list of records or one record per line, "
                           f"each {what}")
@@ -185,6 +336,19 @@ def _json_lines(text: str, path: Path) -> list[tuple[int, object]]:
             raise GptlabError(f"{path}: line {n} is not valid JSON ({e.msg}, column {e.colno}); "
                               "expected a JSON list of records or one JSON object per line") from None
     return records
+
+
+def _refuse_wrapped_list(record: object, path: Path) -> None:
+    """One object on one line that holds the records in a list (``{"data": [{...}, ...]}``): name the key."""
+    if not isinstance(record, dict):
+        return
+    lists = [k for k, v in record.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+    if lists:
+        raise GptlabError(f"{path}: one JSON object holding the records under {lists[0]!r}, not a list of records; "
+                          f"give the list itself ([{{...}}, {{...}}]), e.g. `jq '.{lists[0]}' {path.name} > records.json`")
+    if len(record) > 1 and all(isinstance(v, dict) for v in record.values()):
+        raise GptlabError(f"{path}: one JSON object of records keyed by name, not a list of records; give a list "
+                          f"([{{...}}, {{...}}]), e.g. `jq '[.[]]' {path.name} > records.json`")
 
 
 def _refuse_one_object(text: str, path: Path) -> None:

@@ -47,15 +47,16 @@ def load_instruction_records(path: str | Path) -> list[dict]:
     # a line number helps only where records stand on different lines (not in a one-line JSON list)
     several_lines = len({line for line, _ in rows}) > 1
     for i, (line, record) in enumerate(rows):
-        _check_record(record, f"{path}: record {i}" + (f" (line {line})" if several_lines else ""))
+        check_record(record, f"{path}: record {i}" + (f" (line {line})" if several_lines else ""))
     return [{**record, "input": record.get("input") or ""} for _, record in rows]
 
 
-def _check_record(record: dict, where: str) -> None:
-    for key in ("instruction", "output"):
+def check_record(record: dict, where: str, required: tuple[str, ...] = ("instruction", "output")) -> None:
+    """An instruction record (or, with other ``required`` keys, a preference pair) with string fields."""
+    for key in required:
         if key not in record:
-            raise GptlabError(f"{where} has no {key!r}; every record needs 'instruction' and 'output' "
-                              "('input' is optional)")
+            needed = ", ".join(repr(k) for k in required)
+            raise GptlabError(f"{where} has no {key!r}; every record needs {needed} ('input' is optional)")
         if not isinstance(record[key], str):
             raise GptlabError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
     if not record["instruction"].strip():

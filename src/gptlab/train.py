@@ -3,8 +3,9 @@
 A stage hands ``train`` a model, its datasets, a ``loss_fn(model, batch) -> loss`` and a ``TrainConfig``;
 the loop owns everything else: batching (seeded and resumable), AdamW with decay/no-decay groups,
 warmup + cosine schedule, gradient accumulation and clipping, mixed precision, ``torch.compile``,
-periodic evaluation, metrics CSV and loss plot, atomic checkpoints, exact ``--resume``, and a clean
-save on Ctrl-C or SIGTERM. It knows nothing about any stage.
+periodic evaluation, metrics CSV and loss plot, checkpoints written as one set (``gptlab.run``), exact
+``--resume``, a stop with a clear message when the loss or the weights stop being finite, and a clean save
+on Ctrl-C or SIGTERM. It knows nothing about any stage.
 """
 from __future__ import annotations
 
@@ -28,10 +29,12 @@ from gptlab.config import TrainConfig
 from gptlab.data import EpochBatchSampler
 from gptlab.device import autocast, resolve_precision, select_device, to_device
 from gptlab.errors import GptlabError
-from gptlab.files import atomic_write, atomic_write_text
+from gptlab.files import atomic_write_text
 from gptlab.model import GPTModel
 from gptlab.plotting import plot_lines
-from gptlab.run import METRICS_FILE, PLOT_FILE, STATE_FILE, save_model
+from gptlab.run import (
+    METRICS_FILE, PLOT_FILE, STATE_FILE, clear_run, load_torch_file, model_files, recover_run_dir, write_run_files,
+)
 from gptlab.tokenizer import Tokenizer
 
 log = logging.getLogger("gptlab")
@@ -47,6 +50,15 @@ class TrainResult:
     val_loss: float | None
     interrupted: bool
     history: list[dict] = field(default_factory=list)
+    stop_signal: int | None = None  # the signal that stopped an interrupted run (SIGINT, SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM during training: stop at once, without a checkpoint."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def lm_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
@@ -60,7 +72,8 @@ def lm_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
 
 
 def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``total_steps``."""
+    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``total_steps``; steps past it
+    (a resumed run given more steps) stay at ``lr * min_lr_ratio``."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
@@ -104,13 +117,14 @@ class _StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None
         self._previous: dict = {}
 
     def __enter__(self):
         def handler(signum, frame):
             if self.requested:  # a second Ctrl-C means now
-                raise KeyboardInterrupt
-            self.requested = True
+                raise Interrupted(signum)
+            self.requested, self.signum = True, signum
             tqdm.write(f"\n{signal.Signals(signum).name} received: saving a checkpoint, then stopping "
                        "(again to abort without saving)")
 
@@ -135,14 +149,19 @@ class MetricsLog:
             with open(path, newline="") as f:
                 self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
 
-    def append(self, row: dict) -> None:
+    def append(self, row: dict, write: bool = True) -> None:
+        """Add a row; ``write=False`` when a checkpoint is about to write the file with the rest of its set."""
         self.rows.append(row)
+        if write:
+            atomic_write_text(self.path, self.text())
+
+    def text(self) -> str:
         columns = self.BASE + sorted({k for r in self.rows for k in r} - set(self.BASE))
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(self.rows)
-        atomic_write_text(self.path, buf.getvalue())
+        return buf.getvalue()
 
     def plot(self, path: Path, title: str,
              columns: tuple[tuple[str, str], ...] = (("train_loss", "train"), ("val_loss", "validation")),
@@ -157,8 +176,10 @@ class _Run:
     """One call of ``train``: the model, its optimizer and loaders, and the counters a checkpoint stores."""
 
     def __init__(self, model, tokenizer, train_data, val_data, out_dir: Path, config: TrainConfig, loss_fn,
-                 collate_fn, eval_fn, sample_fn, meta: dict | None, resume: bool) -> None:
+                 collate_fn, eval_fn, sample_fn, meta: dict | None, resume: bool,
+                 extra_files: dict[str, str] | None = None) -> None:
         self.model, self.tokenizer, self.out_dir, self.config = model, tokenizer, out_dir, config
+        self.extra_files = dict(extra_files or {})
         self.loss_fn, self.eval_fn, self.sample_fn = loss_fn, eval_fn, sample_fn
         self.device = select_device(config.device)
         self.amp_dtype = resolve_precision(config.precision, self.device)
@@ -175,6 +196,11 @@ class _Run:
         if val_data is not None and len(val_data) > 0:
             self.val_loader = DataLoader(val_data, batch_size=config.batch_size, shuffle=False, collate_fn=collate_fn,
                                          generator=torch.Generator())
+        # the book's "train loss": the training set scored in eval mode (no dropout), its first batches in order
+        self.train_eval_loader = None
+        if config.eval_train_batches:
+            self.train_eval_loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=False,
+                                                collate_fn=collate_fn, generator=torch.Generator())
         self.batches_per_epoch = len(self.sampler)
         steps_per_epoch = max(1, self.batches_per_epoch // config.grad_accum)
         self.total_steps = config.max_steps or max(1, int(config.epochs * self.batches_per_epoch) // config.grad_accum)
@@ -184,14 +210,26 @@ class _Run:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.forward_model = torch.compile(model) if config.compile else model
 
+        # The schedule's length is fixed when the run starts: a resume given more steps trains on past it at
+        # the final learning rate, so the steps already taken stay exactly what they were.
+        self.schedule_steps = self.total_steps
         self.state = {"step": 0, "micro_step": 0, "tokens_seen": 0, "loss_sum": 0.0, "loss_count": 0}
         if resume:
             self.state = _load_state(out_dir, model, self.optimizer, self.scaler, self.device)
-            log.info("resuming %s at step %d of %d", out_dir, self.state["step"], self.total_steps)
+            planned = self.state.get("total_steps", self.total_steps)
+            if self.total_steps < planned:
+                raise GptlabError(f"{out_dir}: the run was started for {planned} steps; --max-steps/--epochs may "
+                                  f"add steps on resume, not remove them (this would end at {self.total_steps})")
+            self.schedule_steps = self.state.get("schedule_steps", self.total_steps)
+            extra = (f"; steps after {self.schedule_steps} run at the schedule's final lr"
+                     if self.total_steps > self.schedule_steps else "")
+            log.info("resuming %s at step %d of %d%s", out_dir, self.state["step"], self.total_steps, extra)
+        self.state.update(total_steps=self.total_steps, schedule_steps=self.schedule_steps)
         # the running loss stays on the device: reading it is a host sync, done only when a row is logged
         self.loss_sum = torch.tensor(float(self.state["loss_sum"]), device=self.device)
         self.metrics = MetricsLog(out_dir / METRICS_FILE, self.state["step"] if resume else None)
-        self.meta = {**(meta or {}), "train": {**asdict(config), "total_steps": self.total_steps}}
+        self.meta = {**(meta or {}), "train": {**asdict(config), "total_steps": self.total_steps,
+                                               "schedule_steps": self.schedule_steps}}
         self.last_val: float | None = None
         self.last_checkpoint: int | None = self.state["step"] if resume else None
 
@@ -208,7 +246,7 @@ class _Run:
         self.state["loss_count"] += 1
 
     def optimizer_step(self) -> float:
-        lr = lr_at(self.state["step"], self.total_steps, self.config)
+        lr = lr_at(self.state["step"], self.schedule_steps, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.config.grad_clip:
@@ -227,20 +265,29 @@ class _Run:
         state = self.state
         mean = self.loss_sum.item() / max(state["loss_count"], 1)
         if not math.isfinite(mean):
-            kept = (f"the last good checkpoint (step {self.last_checkpoint}) is kept in {self.out_dir}"
-                    if self.last_checkpoint is not None else "no checkpoint was written")
-            raise GptlabError(f"training diverged: the mean loss up to step {state['step']} is {mean}; {kept}. "
-                              "Lower --lr, or check --grad-clip and --precision")
+            self._diverged(f"the mean training loss up to step {state['step']} is {mean}")
         row = {"step": state["step"], "epoch": f"{state['micro_step'] / self.batches_per_epoch:.3f}",
                "tokens_seen": state["tokens_seen"],
-               "lr": f"{lr_at(max(state['step'] - 1, 0), self.total_steps, self.config):.3e}",
+               "lr": f"{lr_at(max(state['step'] - 1, 0), self.schedule_steps, self.config):.3e}",
                "train_loss": f"{mean:.4f}"}
         self.loss_sum.zero_()
         state["loss_count"] = 0
         return row
 
-    def log_row(self, row: dict, bar) -> None:
-        self.metrics.append(row)
+    def _kept(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint was written yet"
+        return f"the last intact checkpoint is step {self.last_checkpoint} in {self.out_dir}"
+
+    def _diverged(self, what: str) -> None:
+        raise GptlabError(f"training diverged: {what}; {self._kept()}. Lower --lr, or check --grad-clip and "
+                          "--precision")
+
+    def log_row(self, row: dict, bar, write: bool = True) -> None:
+        try:
+            self.metrics.append(row, write)
+        except GptlabError as e:  # a full disk: say what survives
+            raise GptlabError(f"{e}; {self._kept()}") from None
         bar.set_postfix(loss=row["train_loss"], lr=row["lr"])
 
     def evaluate_and_checkpoint(self, bar) -> None:
@@ -248,10 +295,16 @@ class _Run:
         if self.val_loader is not None:
             self.last_val = evaluate_loss(self.forward_model, self.val_loader, self.loss_fn, self.device,
                                           self.amp_dtype, self.config.eval_batches)
+            if not math.isfinite(self.last_val):
+                self._diverged(f"the validation loss at step {self.state['step']} is {self.last_val}")
             row.update(val_loss=f"{self.last_val:.4f}", val_ppl=f"{math.exp(min(self.last_val, 50)):.2f}")
+        if self.train_eval_loader is not None:
+            train_eval = evaluate_loss(self.forward_model, self.train_eval_loader, self.loss_fn, self.device,
+                                       self.amp_dtype, self.config.eval_train_batches)
+            row.update(train_eval_loss=f"{train_eval:.4f}")
         if self.eval_fn is not None:
             row.update({k: f"{v:.4f}" for k, v in self._in_eval_mode(self.eval_fn).items()})
-        self.log_row(row, bar)
+        self.log_row(row, bar, write=False)  # the checkpoint below writes metrics.csv with its set
         extras = " ".join(f"{k} {v}" for k, v in row.items() if k not in ("epoch", "lr", "step", "tokens_seen"))
         tqdm.write(f"step {row['step']:>6} | tokens {row['tokens_seen']:>9} | {extras}")
         if self.sample_fn is not None:
@@ -266,7 +319,11 @@ class _Run:
             self.model.train()
 
     def checkpoint(self) -> None:
-        """Everything ``--resume`` needs in one atomically written file, then the weights for the using stages."""
+        """One set of files, all of this step (``gptlab.run.write_run_files``): the resumable state, the
+        weights and config for the using stages, metrics.csv and loss.png, and the stage's extra files."""
+        step = self.state["step"]
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):  # never save weights that are lost
+            self._diverged(f"the weights after step {step} are not finite")
         payload = {
             "state": {**self.state, "loss_sum": self.loss_sum.item()},
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
@@ -275,11 +332,19 @@ class _Run:
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }
-        atomic_write(self.out_dir / STATE_FILE, lambda tmp: torch.save(payload, tmp))
-        save_model(self.out_dir, self.model, self.tokenizer, self.meta)
+        files = model_files(self.model, self.tokenizer, self.meta, step)
+        files[STATE_FILE] = lambda path: torch.save(payload, path)
+        texts = dict(self.extra_files)
         if self.metrics.rows:
-            self.metrics.plot(self.out_dir / PLOT_FILE, title=self.out_dir.name)
-        self.last_checkpoint = self.state["step"]
+            texts[METRICS_FILE] = self.metrics.text()
+            files[PLOT_FILE] = lambda path: self.metrics.plot(path, title=self.out_dir.name)
+        for name, text in texts.items():
+            files[name] = lambda path, text=text: path.write_text(text, encoding="utf-8")
+        try:
+            write_run_files(self.out_dir, files)
+        except GptlabError as e:
+            raise GptlabError(f"{e}; {self._kept()}") from None
+        self.last_checkpoint = step
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -289,6 +354,7 @@ class _Run:
         bar = tqdm(total=self.total_steps, initial=state["step"], desc="training", unit="step", disable=not progress,
                    dynamic_ncols=True)
         with bar, _StopRequest() as stop:
+            self.stop = stop
             while state["step"] < self.total_steps:
                 epoch, offset = divmod(state["micro_step"], self.batches_per_epoch)
                 self.sampler.set_position(epoch, offset)
@@ -326,14 +392,22 @@ def train(
     meta: dict | None = None,
     resume: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place and keep ``out_dir`` a loadable, resumable run directory.
 
     ``eval_fn(model)`` adds metrics (accuracy, say) to each evaluation row; ``sample_fn(model)`` returns
-    text printed at each evaluation; ``meta`` goes into ``config.json`` for the using stages.
+    text printed at each evaluation; ``meta`` goes into ``config.json`` for the using stages;
+    ``extra_files`` (name -> text) are written with every checkpoint, in its set. ``overwrite``: the run
+    already in ``out_dir`` is removed once this one has started (its setup has succeeded).
     """
-    run = _Run(model, tokenizer, train_data, val_data, Path(out_dir), config, loss_fn, collate_fn, eval_fn,
-               sample_fn, meta, resume)
+    out_dir = Path(out_dir)
+    recover_run_dir(out_dir)  # finish a checkpoint that a killed run committed, remove what it left half-written
+    run = _Run(model, tokenizer, train_data, val_data, out_dir, config, loss_fn, collate_fn, eval_fn,
+               sample_fn, meta, resume, extra_files)
+    if overwrite and not resume:
+        clear_run(out_dir)
     tokens_before, start = run.state["tokens_seen"], time.perf_counter()
     interrupted = run.run(progress)
     elapsed = time.perf_counter() - start
@@ -344,7 +418,7 @@ def train(
     return TrainResult(
         step=run.state["step"], tokens_seen=run.state["tokens_seen"],
         train_loss=float(last.get("train_loss") or "nan"), val_loss=run.last_val,
-        interrupted=interrupted, history=list(run.metrics.rows),
+        interrupted=interrupted, history=list(run.metrics.rows), stop_signal=run.stop.signum if interrupted else None,
     )
 
 
@@ -352,24 +426,26 @@ def _load_state(out_dir: Path, model, optimizer, scaler, device) -> dict:
     path = out_dir / STATE_FILE
     if not path.is_file():
         raise GptlabError(f"{out_dir}: nothing to resume (no {STATE_FILE}); start without --resume")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which, not a pickle traceback
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise GptlabError(f"{path}: unreadable training state ({type(e).__name__}: {first[:200]}); "
-                          "it is damaged: start the run over with --overwrite") from None
+    fix = "it is damaged: start the run over with --overwrite"
+    payload = load_torch_file(path, fix)
+    if not isinstance(payload, dict) or not {"state", "model", "optimizer", "scaler", "rng"} <= payload.keys():
+        raise GptlabError(f"{path}: not a gptlab training state; {fix}")
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as e:
         raise GptlabError(f"{path}: the checkpoint belongs to another model config ({str(e).splitlines()[0]})") from None
     model.to(device)
-    optimizer.load_state_dict(payload["optimizer"])
-    scaler.load_state_dict(payload["scaler"])
-    torch.set_rng_state(payload["rng"]["torch"])
-    random.setstate(_as_tuple(payload["rng"]["python"]))
-    if payload["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-    return dict(payload["state"])
+    try:
+        optimizer.load_state_dict(payload["optimizer"])
+        scaler.load_state_dict(payload["scaler"])
+        torch.set_rng_state(payload["rng"]["torch"])
+        random.setstate(_as_tuple(payload["rng"]["python"]))
+        if payload["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+        return dict(payload["state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise GptlabError(f"{path}: the training state does not fit this run ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:160] if str(e) else ''}); {fix}") from None
 
 
 def _as_tuple(x):

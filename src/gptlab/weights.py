@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -37,9 +38,9 @@ from safetensors.torch import save_file
 
 from gptlab.errors import GptlabError
 from gptlab.model import GPTConfig, GPTModel
-from gptlab.files import atomic_write, atomic_write_text
+from gptlab.files import atomic_write, atomic_write_text, check_writable_dir, same_path
 from gptlab.surgery import add_classifier_head
-from gptlab.run import BUILTIN_TOKENIZERS, CONFIG_FILE, load_model_weights, load_run
+from gptlab.run import BUILTIN_TOKENIZERS, CONFIG_FILE, load_model_weights, load_run, load_torch_file, source_metadata
 from gptlab.tokenizer import Tokenizer, get_tokenizer
 
 log = logging.getLogger("gptlab")
@@ -126,11 +127,36 @@ def download_from_hub(repo_id: str) -> Path:
     return folder
 
 
-def export_hf(model: GPTModel, out_dir: str | Path, tokenizer: Tokenizer | None = None) -> None:
+MODEL_FOLDER_FILES = (HF_WEIGHTS, HF_TORCH_WEIGHTS, "hparams.json")  # a path to one of these means its folder
+# Files in a folder that a loader would read in place of (or beside) what export_hf writes: --overwrite removes them.
+SHADOWING_FILES = (HF_SHARD_INDEX, HF_TORCH_WEIGHTS)
+
+
+def check_export_dir(out_dir: str | Path, overwrite: bool = False, source: str | Path | None = None) -> Path:
+    """Where ``export_hf`` may write: never the ``source`` folder itself, a non-empty folder only with
+    ``overwrite``, and a place that can be written (checked before any model is read)."""
+    out_dir = Path(out_dir)
+    source = Path(source) if source is not None else None
+    if source is not None and source.exists():  # a folder model, or one of its files, is read from its folder
+        folder = source if source.is_dir() else source.parent if source.name in MODEL_FOLDER_FILES else None
+        if folder is not None and same_path(out_dir, folder):
+            raise GptlabError(f"{out_dir} is where the model is read from; export to another folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise GptlabError(f"{out_dir} is not empty; pass --overwrite to replace the model files in it, or export to "
+                          "a new folder")
+    check_writable_dir(out_dir, "OUT_DIR")
+    return out_dir
+
+
+def export_hf(model: GPTModel, out_dir: str | Path, tokenizer: Tokenizer | None = None,
+              overwrite: bool = False) -> None:
     """Write ``config.json`` + ``model.safetensors`` in Hugging Face's GPT-2 layout to ``out_dir``.
 
     A tokenizer other than GPT-2's is saved under ``gptlab_tokenizer/`` so that ``load`` finds it again.
+    A folder that is not empty is refused unless ``overwrite``, which replaces those files (and removes a
+    shard index, its shards and a ``pytorch_model.bin``, which loaders would read instead); other files stay.
     """
+    out_dir = check_export_dir(out_dir, overwrite)
     config = model.config
     head = model.lm_head.weight
     if head.shape[0] != config.vocab_size:
@@ -151,8 +177,9 @@ def export_hf(model: GPTModel, out_dir: str | Path, tokenizer: Tokenizer | None 
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
     eos = tokenizer.eot_id if tokenizer is not None else GPT2_VOCAB_SIZE - 1  # <|endoftext|>
+    if overwrite and out_dir.is_dir():
+        _remove_shadowing_files(out_dir)
     hf_config = hf_config_dict(config, eos, _export_tokenizer(tokenizer, Path(out_dir)))
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / HF_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write_text(out_dir / CONFIG_FILE, json.dumps(hf_config, indent=2) + "\n")
@@ -183,6 +210,22 @@ def hf_config_dict(config: GPTConfig, eos_id: int | None = GPT2_VOCAB_SIZE - 1, 
         # What Hugging Face's config cannot say; transformers keeps unknown keys and ignores them.
         "gptlab": {"qkv_bias": config.qkv_bias, "tokenizer": tokenizer_ref},
     }
+
+
+def _remove_shadowing_files(out_dir: Path) -> None:
+    index = out_dir / HF_SHARD_INDEX
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            shards = set()
+        for name in shards:
+            if "/" not in name and name != HF_WEIGHTS:
+                (out_dir / name).unlink(missing_ok=True)
+    for name in SHADOWING_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    if (out_dir / HF_TOKENIZER_DIR).is_dir():
+        shutil.rmtree(out_dir / HF_TOKENIZER_DIR)  # a stale tokenizer of another model
 
 
 def _export_tokenizer(tokenizer: Tokenizer | None, out_dir: Path) -> str:
@@ -416,13 +459,8 @@ GPT2_HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 20, 1600: 25}
 
 def _torch_load(path: Path) -> dict:
     """``torch.load`` that never runs pickled code (no mmap: a map would keep read pages resident)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses arbitrary objects with UnpicklingError, among others
-        raise GptlabError(
-            f"{path}: not a plain state dict of tensors ({type(e).__name__}: {str(e).splitlines()[0]}); "
-            "save one with torch.save(model.state_dict(), path)"
-        ) from None
+    return load_torch_file(path, "it is not a plain state dict of tensors: save one with "
+                                 "torch.save(model.state_dict(), path)")
 
 
 def _book_to_gptlab(state: State, path: Path) -> State:
@@ -500,11 +538,34 @@ def _load_book_pth(path: Path, expect: GPTConfig | None) -> tuple[GPTModel, Toke
     return _assemble(config, state, path), _gpt2_tokenizer(config, path)
 
 
+def is_classifier(model: GPTModel) -> bool:
+    """Does the model predict classes (a classifier run's head) instead of the next token?"""
+    return model.lm_head.weight.shape[0] != model.config.vocab_size
+
+
+def require_language_model(model: GPTModel, source: str | Path, command: str) -> None:
+    """Refuse a classifier where the next token is needed: its few-class head would "generate" tokens 0, 1, ..."""
+    if is_classifier(model):
+        labels = source_metadata(source).get("labels")
+        what = f"labels {', '.join(map(str, labels))}" if labels else f"{model.lm_head.weight.shape[0]} classes"
+        raise GptlabError(f"{source} is a classifier run (finetune-classifier, {what}); {command} needs a language "
+                          f"model. Label texts with `gptlab classify --model {source} TEXT`")
+
+
 def build_model(preset: str, init: str | None, tokenizer_name: str | None,
-                overrides: dict) -> tuple[GPTModel, Tokenizer]:
-    """A fresh model from a preset (sized to the tokenizer's vocabulary), or a loaded one from ``init``."""
+                overrides: dict, command: str = "training", drop_head: bool = False) -> tuple[GPTModel, Tokenizer]:
+    """A fresh model from a preset (sized to the tokenizer's vocabulary), or a loaded one from ``init``.
+
+    A classifier run as ``init`` is refused (``command`` names the stage that needs a language model) unless
+    ``drop_head``: then its backbone is taken and the caller gives it a new head.
+    """
     if init is not None:
         model, tokenizer = load(init)
+        if drop_head and not is_classifier(model):
+            raise GptlabError(f"--drop-head: {init} has no classifier head to drop (it is a language model); "
+                              "leave --drop-head out")
+        if not drop_head and is_classifier(model):
+            require_language_model(model, init, command)
         changed = {k: v for k, v in overrides.items() if v is not None and getattr(model.config, k) != v}
         if "dropout" in changed:
             model.set_dropout(changed.pop("dropout"))

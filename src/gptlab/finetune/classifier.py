@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,13 +28,16 @@ from gptlab.classification_data import (
     ClassificationDataset, LabeledTexts, PadCollate, Splits, pad_id_for, read_labeled_file, split_examples,
 )
 from gptlab.classify import STAGE, last_token_logits, predict_loader, predict_proba
-from gptlab.config import ClassifierSettings, classifier_training, settings_from
+from gptlab.config import ClassifierSettings, classifier_training
 from gptlab.device import select_device
 from gptlab.errors import GptlabError
 from gptlab.evaluate import ClassificationReport, classification_report, plot_confusion_matrix
 from gptlab.files import atomic_write_text
 from gptlab.model import GPTModel
-from gptlab.run import METRICS_FILE, load_run, prepare_out_dir, read_run_config
+from gptlab.run import (
+    ACCURACY_PLOT, CONFUSION_PLOT, EVALUATION_FILE, METRICS_FILE, fingerprint_record, load_run, prepare_out_dir,
+    read_run_config, start_stage,
+)
 from gptlab.surgery import add_classifier_head, select_trainable
 from gptlab.tokenizer import Tokenizer
 from gptlab.train import MetricsLog, TrainConfig, TrainResult, train
@@ -42,10 +45,7 @@ from gptlab.weights import build_model
 
 log = logging.getLogger("gptlab")
 
-ACCURACY_PLOT = "accuracy.png"
-CONFUSION_PLOT = "confusion_matrix.png"
-EVALUATION_FILE = "evaluation.json"
-STAGE_FILES = (ACCURACY_PLOT, CONFUSION_PLOT, EVALUATION_FILE)  # what --overwrite removes besides the run's own
+STAGE_FILES = (ACCURACY_PLOT, CONFUSION_PLOT, EVALUATION_FILE)  # gptlab.run.clear_run removes them on --overwrite
 
 
 def classification_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
@@ -77,9 +77,9 @@ class _Examples:
 
 
 def finetune_classifier(
-    data: str | Path,
+    data: str | Path | None,
     out: str | Path,
-    train_config: TrainConfig | None = None,
+    train_config: TrainConfig | dict | None = None,
     *,
     resume: bool = False,
     overwrite: bool = False,
@@ -93,17 +93,21 @@ def finetune_classifier(
     ``trainable`` (head / last-block / all, or ``auto``: last-block from pretrained weights, all from
     scratch), ``padding``, ``split``, ``balance``, the columns, ... ``train_config`` defaults to
     ``classifier_training(init)``, what ``gptlab finetune-classifier`` uses (evaluated once per epoch).
-    On ``resume`` the settings stored in the run are used, so the data and the split are the same.
+    On ``resume`` the settings stored in the run are used, so the data and the split are the same; a given
+    option that differs from them is an error (``gptlab.run.start_stage``), and ``data`` may be None.
     """
-    settings, split_seed = _stage_settings(data, out, options, train_config, resume)
-    train_config = train_config or classifier_training(settings.init)
+    if data is None and not resume:
+        raise GptlabError("finetune-classifier: give the labelled texts to train on (--data FILE)")
+    given = {**options, **({"data": str(data)} if data is not None else {})}
+    start = start_stage("finetune-classifier", STAGE, ClassifierSettings, out, given, train_config,
+                        lambda settings: classifier_training(settings.init), resume,
+                        normalize=lambda settings: replace(settings, trainable=settings.resolved_trainable))
+    settings, train_config = start.settings, start.train_config
+    split_seed = start.previous.get(STAGE, {}).get("split_seed", train_config.seed)
     table, labels, label_ids = _read_labels(settings, out, resume)
     splits = split_examples(label_ids, labels, settings.split, settings.balance, split_seed, table.lines,
                             settings.data)
     out = prepare_out_dir(out, resume, overwrite)
-    if overwrite and not resume:
-        for name in STAGE_FILES:
-            (out / name).unlink(missing_ok=True)
     model, tokenizer = _classifier_model(settings, len(labels), out, resume, train_config.seed)
     n_trainable = select_trainable(model, settings.trainable)
     model.train()
@@ -126,10 +130,11 @@ def finetune_classifier(
 
     meta = {"stage": STAGE, "labels": labels, STAGE: {**asdict(settings), "split_seed": split_seed,
                                                        "requested_max_length": settings.max_length,
-                                                       "max_length": examples.max_length, "pad_id": pad_id}}
+                                                       "max_length": examples.max_length, "pad_id": pad_id},
+            **fingerprint_record(start, settings.data)}
     result = train(model, tokenizer, parts["train"], parts["val"] if len(parts["val"]) else None, out, train_config,
                    loss_fn=classification_loss, collate_fn=PadCollate(pad_id, parts["train"].pad_to),
-                   eval_fn=accuracy_columns, meta=meta, resume=resume, progress=progress)
+                   eval_fn=accuracy_columns, meta=meta, resume=resume, progress=progress, overwrite=overwrite)
     _plot_accuracy(out, result.step)
     if result.interrupted:  # the user wants to stop: evaluate when the run is finished
         return ClassifierResult(result, labels, {}, None, examples.truncated, examples.max_length)
@@ -144,22 +149,6 @@ def finetune_classifier(
 
 
 # ---- the steps of the stage ----------------------------------------------------------------------
-
-def _stage_settings(data, out, options: dict, train_config: TrainConfig | None,
-                    resume: bool) -> tuple[ClassifierSettings, int]:
-    """The settings and the split's seed: given ones for a new run, the stored ones on ``resume``."""
-    if resume:
-        stored = read_run_config(out).get(STAGE)
-        if stored is None:
-            raise GptlabError(f"{out}: not a classifier run; cannot resume it with finetune-classifier")
-        known = {f.name for f in fields(ClassifierSettings)}
-        settings = ClassifierSettings(**{**{k: v for k, v in stored.items() if k in known},
-                                         "max_length": stored.get("requested_max_length")})
-        return settings, stored["split_seed"]
-    settings = settings_from(ClassifierSettings, {**options, "data": str(data)}, "finetune-classifier")
-    seed = (train_config or classifier_training(settings.init)).seed
-    return replace(settings, trainable=settings.resolved_trainable), seed
-
 
 def _read_labels(settings: ClassifierSettings, out, resume: bool) -> tuple[LabeledTexts, list[str], list[int]]:
     table = read_labeled_file(settings.data, settings.text_column, settings.label_column, settings.header)
@@ -177,8 +166,8 @@ def _classifier_model(settings: ClassifierSettings, num_classes: int, out: Path,
         model, tokenizer, _ = load_run(out)
         return model, tokenizer
     torch.manual_seed(seed)  # random weights and the new head follow --seed, as in pretrain
-    model, tokenizer = build_model(settings.preset, settings.init, None,
-                                   {"context_length": settings.context_length, "dropout": settings.dropout})
+    model, tokenizer = build_model(settings.preset, settings.init, None, settings.model_overrides(),
+                                   command="finetune-classifier", drop_head=settings.drop_head)
     return add_classifier_head(model, num_classes), tokenizer
 
 

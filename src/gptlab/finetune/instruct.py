@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from gptlab.config import INSTRUCT_TRAINING, InstructSettings, settings_from
+from gptlab.config import INSTRUCT_TRAINING, InstructSettings
 from gptlab.device import select_device
 from gptlab.errors import GptlabError
-from gptlab.files import atomic_write_text
 from gptlab.instruction_data import (
     TEST_FILE, VAL_FILE, InstructionDataset, collate_instructions, default_data_path,
     load_instruction_records, split_records,
@@ -27,7 +26,7 @@ from gptlab.instruction_data import (
 from gptlab.model import GPTModel
 from gptlab.prompts import PromptStyle, get_prompt_style
 from gptlab.respond import respond_one
-from gptlab.run import CONFIG_FILE, prepare_out_dir, read_run_config
+from gptlab.run import fingerprint_record, load_run, prepare_out_dir, start_stage
 from gptlab.surgery import select_trainable
 from gptlab.tokenizer import Tokenizer
 from gptlab.train import TrainConfig, TrainResult, evaluate_loss, lm_loss, train
@@ -42,7 +41,7 @@ FRESH_PRESET_INIT = "preset:"  # config.json's "init" of a run from random weigh
 def finetune_instruct(
     data: str | Path | None,
     out: str | Path,
-    train_config: TrainConfig | None = None,
+    train_config: TrainConfig | dict | None = None,
     *,
     resume: bool = False,
     overwrite: bool = False,
@@ -54,12 +53,16 @@ def finetune_instruct(
     ``data``: JSON/JSONL records (None: the book's 1,100, shipped with gptlab). ``options`` are the fields
     of ``gptlab.config.InstructSettings`` with its defaults (``init`` or ``preset``, ``tokenizer`` for a
     preset, ``prompt_style``, ``mask_prompt``, ``max_length``, the split); ``train_config`` defaults to
-    ``INSTRUCT_TRAINING``, what ``gptlab finetune-instruct`` uses. On ``resume`` the settings stored in
-    the run are used. Writes the run directory ``out`` (weights, metrics, loss plot, resumable state)
-    plus the held-out ``test.json`` and ``val.json``.
+    ``INSTRUCT_TRAINING``, what ``gptlab finetune-instruct`` uses (a dict changes some of its fields). On
+    ``resume`` the settings stored in the run are used; a given option that differs from them is an error
+    (``gptlab.run.start_stage``). Writes the run directory ``out`` (weights, metrics, loss plot, resumable
+    state) plus the held-out ``test.json`` and ``val.json``, with its first checkpoint.
     """
-    train_config = train_config or INSTRUCT_TRAINING
-    settings, previous = _stage_settings(data, out, options, resume)
+    given = {**options, **({"data": str(data)} if data is not None else {})}
+    start = start_stage("finetune-instruct", STAGE, InstructSettings, out, given, train_config,
+                        lambda settings: INSTRUCT_TRAINING, resume,
+                        data_path=lambda settings: settings.data or default_data_path())
+    settings, train_config, previous = start.settings, start.train_config, start.previous
     style = get_prompt_style(settings.prompt_style)
     data = Path(settings.data) if settings.data is not None else default_data_path()
     records = load_instruction_records(data)
@@ -67,15 +70,15 @@ def finetune_instruct(
                                                              settings.test_fraction, settings.split_seed)
     out = prepare_out_dir(out, resume, overwrite)
 
-    model, tokenizer = _instruct_model(settings, train_config.seed)
+    model, tokenizer = load_run(out)[:2] if resume else _instruct_model(settings, train_config.seed)
     max_length = _max_length(settings, model)
     select_trainable(model, "all")  # full fine-tuning
     train_set = InstructionDataset(train_records, tokenizer, style, max_length, name=f"{data} (training part)")
     val_set = InstructionDataset(val_records, tokenizer, style, max_length, name=f"{data} (validation part)")
     collate = partial(collate_instructions, pad_id=tokenizer.eot_id, max_length=max_length,
                       mask_prompt=settings.mask_prompt)
-    for name, part in ((TEST_FILE, test_records), (VAL_FILE, val_records)):
-        atomic_write_text(out / name, json.dumps(part, indent=2, ensure_ascii=False) + "\n")
+    held_out = {name: json.dumps(part, indent=2, ensure_ascii=False) + "\n"  # written with each checkpoint
+                for name, part in ((TEST_FILE, test_records), (VAL_FILE, val_records))}
     log.info("%s: %d records -> %d train / %d test / %d validation; style %s; model %.1fM parameters",
              data, len(records), len(train_set), len(test_records), len(val_set), style.name,
              model.num_parameters() / 1e6)
@@ -89,27 +92,18 @@ def finetune_instruct(
             "max_length": max_length, "initial_val_loss": initial_val_loss,
             "split": {"train": len(train_records), "test": len(test_records), "val": len(val_records),
                       "seed": settings.split_seed},
-            STAGE: asdict(settings)}
+            STAGE: asdict(settings), **fingerprint_record(start, data)}
     return train(model, tokenizer, train_set, val_set, out, train_config, collate_fn=collate,
-                 sample_fn=sample, meta=meta, resume=resume, progress=progress)
+                 sample_fn=sample, meta=meta, resume=resume, progress=progress, overwrite=overwrite,
+                 extra_files=held_out)
 
 
 # ---- the steps of the stage ----------------------------------------------------------------------
 
-def _stage_settings(data, out, options: dict, resume: bool) -> tuple[InstructSettings, dict]:
-    """The settings (stored ones on ``resume`` of a run that has them) and the run's previous config.json."""
-    previous = read_run_config(out) if resume and (Path(out) / CONFIG_FILE).is_file() else {}
-    stored = previous.get(STAGE)
-    if stored is not None:
-        known = {f.name for f in fields(InstructSettings)}
-        return InstructSettings(**{k: v for k, v in stored.items() if k in known}), previous
-    given = {**options, "data": str(data) if data is not None else None}
-    return settings_from(InstructSettings, given, "finetune-instruct"), previous
-
-
 def _instruct_model(settings: InstructSettings, seed: int) -> tuple[GPTModel, Tokenizer]:
     torch.manual_seed(seed)  # random weights follow --seed, as in pretrain (a resume loads its own after this)
-    model, tokenizer = build_model(settings.preset, settings.init, settings.tokenizer, {"dropout": settings.dropout})
+    model, tokenizer = build_model(settings.preset, settings.init, settings.tokenizer, settings.model_overrides(),
+                                   command="finetune-instruct")
     if tokenizer.eot_id is None:
         raise GptlabError(f"the tokenizer {tokenizer.name!r} has no end-of-text token to pad and stop with")
     return model, tokenizer

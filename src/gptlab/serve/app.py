@@ -1,10 +1,11 @@
-"""The HTTP application: routes, OpenAI's response shapes (whole and streamed), errors and the body limit.
+"""The HTTP application: routes, OpenAI's response shapes (whole and streamed) and errors.
 
-``create_app`` wires an ``Engine`` (which owns the model) to FastAPI; nothing here touches the model.
+``create_app`` wires an ``Engine`` (which owns the model) to FastAPI behind the guards of
+``gptlab.serve.guards``; nothing here touches the model.
 """
 from __future__ import annotations
 
-import hmac
+import asyncio
 import json
 import time
 import uuid
@@ -12,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -20,21 +21,29 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gptlab.config import ServeLimits
 from gptlab.errors import GptlabError
 from gptlab.generate import TextStats
-from gptlab.serve.engine import Disconnected, Engine, Job, ServedModel
+from gptlab.serve.engine import Engine, Job, ServedModel
+from gptlab.serve.guards import BodyLimits, HostAllowlist, RequireAPIKey, api_key_error, error_response
 from gptlab.serve.schemas import (APIError, ChatRequest, ClassifyRequest, CompletionRequest, Sampling, SamplingFields,
-                                  chat_messages, non_empty, request_sampling, unsupported)
+                                  chat_messages, check_choices, non_empty, request_sampling, unsupported)
 
 CHAT_PAGE = "chat.html"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def create_app(served: ServedModel, api_key: str | None = None, limits: ServeLimits = ServeLimits()) -> FastAPI:
-    """The FastAPI application; its engine runs while the app does (lifespan)."""
+def create_app(served: ServedModel, api_key: str | None = None, limits: ServeLimits = ServeLimits(),
+               allowed_hosts: Sequence[str] = ()) -> FastAPI:
+    """The FastAPI application; its engine runs while the app does (lifespan).
+
+    ``allowed_hosts``: Host header names answered besides loopback ones (see ``HostAllowlist``).
+    """
     engine = Engine(served, limits)
     app = FastAPI(title="gptlab", version="1", lifespan=running(engine), docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.served, app.state.engine, app.state.worker, app.state.limits = served, engine, engine.worker, limits
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_request_bytes)
+    # The last added runs first: the Host, then the key (on the headers alone), then the body.
+    app.add_middleware(BodyLimits, max_bytes=limits.max_request_bytes, timeout=limits.body_timeout)
+    app.add_middleware(RequireAPIKey, api_key=api_key)
+    app.add_middleware(HostAllowlist, allowed=tuple(allowed_hosts))
     add_error_handlers(app)
     Routes(engine, api_key).add_to(app)
     return app
@@ -64,18 +73,20 @@ class Routes:
 
     def add_to(self, app: FastAPI) -> None:
         app.get("/", response_class=HTMLResponse, include_in_schema=False)(self.chat_page)
-        app.get("/health")(self.health)  # never behind the API key
-        v1 = [Depends(self.require_api_key)]
-        app.get("/v1/models", dependencies=v1)(self.list_models)
-        app.get("/v1/models/{model_id:path}", dependencies=v1)(self.retrieve_model)
-        app.post("/v1/completions", dependencies=v1)(self.completions)
-        app.post("/v1/chat/completions", dependencies=v1)(self.chat_completions)
-        app.post("/v1/classify", dependencies=v1)(self.classify)
+        app.get("/health")(self.health)  # liveness for anyone; the details with the key (if there is one)
+        # The /v1 routes are behind RequireAPIKey, which checks the key before the body is read.
+        app.get("/v1/models")(self.list_models)
+        app.get("/v1/models/{model_id:path}")(self.retrieve_model)
+        app.post("/v1/completions")(self.completions)
+        app.post("/v1/chat/completions")(self.chat_completions)
+        app.post("/v1/classify")(self.classify)
 
     async def chat_page(self) -> HTMLResponse:
         return HTMLResponse(resources.files("gptlab").joinpath("assets", CHAT_PAGE).read_text(encoding="utf-8"))
 
-    async def health(self) -> dict:
+    async def health(self, request: Request) -> dict:
+        if self.api_key is not None and api_key_error(request.headers.get("authorization"), self.api_key):
+            return {"status": "ok"}  # what is served, and how busy, is for those with the key
         return {"status": "ok", "model": self.served.name, **self.engine.status()}
 
     async def list_models(self) -> dict:
@@ -93,6 +104,7 @@ class Routes:
             unsupported("best_of", body.best_of)
         sampling = request_sampling(body, self.limits, body.max_tokens)
         prompts = non_empty([body.prompt] if isinstance(body.prompt, str) else body.prompt, "prompt")
+        check_choices(len(prompts), sampling.n, self.limits)
         job = self.engine.generate(prompts, sampling, echo=body.echo)
         return await self.answer(job, request, body, sampling, len(prompts), chat=False)
 
@@ -108,6 +120,7 @@ class Routes:
             raise APIError(400, str(e), param="messages") from None
         sampling = request_sampling(body, self.limits, body.max_completion_tokens or body.max_tokens)
         sampling = sampling.with_stop(style.stop)
+        check_choices(1, sampling.n, self.limits)
         job = self.engine.generate([prompt], sampling)
         return await self.answer(job, request, body, sampling, 1, chat=True)
 
@@ -117,22 +130,17 @@ class Routes:
             raise APIError(400, f"{self.served.name} is not a classifier run (its config.json has no "
                                 "\"stage\": \"classifier\"); use /v1/completions", param="model")
         texts = non_empty([body.input] if isinstance(body.input, str) else body.input, "input")
-        event = await self.engine.classify(texts).next_event(request.is_disconnected)
-        if event is None:
+        if len(texts) > self.limits.max_texts:
+            raise APIError(400, f"input holds {len(texts)} texts, over this server's limit of {self.limits.max_texts} "
+                                "per request (gptlab serve --max-texts)", param="input", code="too_many_inputs")
+        job = self.engine.classify(texts)
+        async with cancelled_on_disconnect(job, request):
+            event = await job.next_event()
+        if event is None:  # the client left
             return JSONResponse({}, status_code=499)
         return {"object": "list", "model": self.served.name, **event[1]}
 
     # checks
-    def require_api_key(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            raise APIError(401, "missing API key: send the header 'Authorization: Bearer KEY'",
-                           code="invalid_api_key")
-        if not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "incorrect API key", code="invalid_api_key")
-
     def check_model(self, requested: str | None) -> None:
         if requested is not None and requested != self.served.name:
             raise APIError(404, f"the model {requested!r} does not exist; this server serves {self.served.name!r}",
@@ -155,19 +163,38 @@ class Routes:
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         header = {"id": ident, "object": "chat.completion" if chat else "text_completion",
                   "created": int(time.time()), "model": self.served.name}
-        if body.stream:
+        if body.stream:  # Starlette's StreamingResponse ends the stream, and so the job, when the client leaves
             return StreamingResponse(sse_stream(job, header, chat, body.include_usage, sampling.n),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        return await whole_answer(job, request.is_disconnected, header, chat, n_prompts * sampling.n, sampling.n)
+        async with cancelled_on_disconnect(job, request):
+            return await whole_answer(job, header, chat, n_prompts * sampling.n, sampling.n)
+
+
+@asynccontextmanager
+async def cancelled_on_disconnect(job: Job, request: Request):
+    """While the body runs, a client that hangs up cancels ``job`` at once, not when its answer is done.
+
+    The request's body has been read, so the next ASGI message is the disconnect; the worker then
+    drops the job before its next step.
+    """
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
 
 
 # ---- OpenAI's response shapes ---------------------------------------------------------------------
 
-async def whole_answer(job: Job, disconnected: Disconnected, header: dict, chat: bool, n_choices: int,
-                       n: int) -> dict | JSONResponse:
+async def whole_answer(job: Job, header: dict, chat: bool, n_choices: int, n: int) -> dict | JSONResponse:
     texts = [""] * n_choices
     finish: list[TextStats | None] = [None] * n_choices
-    async for kind, index, value in job.events(disconnected):
+    async for kind, index, value in job.events():
         if kind == "text":
             texts[index] += value
         else:
@@ -229,10 +256,6 @@ async def sse_stream(job: Job, header: dict, chat: bool, include_usage: bool, n:
 
 # ---- errors, in OpenAI's shape ------------------------------------------------------------------
 
-def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
-
-
 async def api_error(request: Request, exc: APIError) -> JSONResponse:
     return error_response(exc)
 
@@ -261,51 +284,3 @@ def add_error_handlers(app: FastAPI) -> None:
     for kind, handler in ((APIError, api_error), (RequestValidationError, validation_error),
                           (StarletteHTTPException, http_error), (GptlabError, gptlab_error)):
         app.add_exception_handler(kind, handler)
-
-
-# ---- the body limit -----------------------------------------------------------------------------
-
-class BodySizeLimit:
-    """ASGI middleware: a body over ``max_bytes`` gets 413 before the application parses it.
-
-    The body is read here in full (it is small by construction) so a chunked upload without a
-    Content-Length is bounded too; the application then receives it as one message.
-    """
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        too_large = APIError(413, f"the request body is over this server's limit of {self.max_bytes:,} bytes "
-                                  "(gptlab serve --max-request-bytes)", code="request_too_large")
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await error_response(too_large)(scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left before sending its body
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await error_response(too_large)(scope, receive, send)
-            if not message.get("more_body", False):
-                break
-        await self.app(scope, replay(b"".join(chunks), receive), send)
-
-
-def replay(body: bytes, receive):
-    """An ASGI receive that hands the application ``body`` as one message, then whatever the client sends next."""
-    replayed = False
-
-    async def receive_replayed():
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()  # afterwards: http.disconnect, which cancels a stream
-
-    return receive_replayed

@@ -5,11 +5,13 @@ The event loop never touches the model. ``Engine`` is what the HTTP app asks for
 whose events the app reads. Inside, one ``GenerationWorker`` thread owns the model and interleaves up to
 ``max_active`` jobs one event (a token's text, at batch 1) at a time, round robin, so a long answer neither
 blocks ``/health`` nor makes a short request wait for it to finish; more jobs wait in a bounded queue (503
-when full). A client that goes away cancels its job, which the worker drops before its next token.
+when full). A client that goes away cancels its job (``Job.cancel``, from the event loop the moment the
+connection closes), and the worker drops it before its next step: at most the step under way is wasted.
 
 A job's events are tuples: ``("text", choice, piece)``, ``("finish", choice, TextStats)``,
-``("result", body)`` (a classification) and ``("error", APIError)``. A batching engine keeps ``Engine``'s
-methods and these events, and replaces what the worker does between them.
+``("result", body)`` (a classification), ``("error", APIError)`` and ``("tick",)`` (a step of work with
+nothing to send yet: a batch of a long classification, so that it too stops between steps). A batching
+engine keeps ``Engine``'s methods and these events, and replaces what the worker does between them.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -37,8 +39,10 @@ from gptlab.weights import load
 log = logging.getLogger("gptlab")
 
 Event = tuple
-Disconnected = Callable[[], Awaitable[bool]]  # e.g. a Starlette request's ``is_disconnected``
 _END: Event = ("end",)
+_CANCELLED: Event = ("cancelled",)  # wakes a reader whose job was cancelled: no more events will come
+_TICK: Event = ("tick",)
+CLASSIFY_BATCH = 32  # texts per classification step
 
 
 # ---- the served model ---------------------------------------------------------------------------
@@ -100,8 +104,13 @@ def generation_events(served: ServedModel, prompts: Sequence[str], sampling: Sam
 
 
 def classify_events(served: ServedModel, texts: Sequence[str]) -> Iterator[Event]:
-    with torch.no_grad():
-        predictions = served.classifier.predict(texts)
+    """One ("result", body) event; a ("tick",) after each batch but the last, so a cancelled job stops between them."""
+    predictions = []
+    for start in range(0, len(texts), CLASSIFY_BATCH):
+        if start:
+            yield _TICK
+        with torch.no_grad():
+            predictions += served.classifier.predict(texts[start : start + CLASSIFY_BATCH])
     tokens = sum(min(len(served.tokenizer.encode(t)), served.classifier.max_length) for t in texts)
     data = [{"index": i, "label": p.label, "probability": p.probability, "probabilities": p.probabilities}
             for i, p in enumerate(predictions)]
@@ -118,16 +127,25 @@ class Job:
         self._events: Iterator[Event] | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.steps = 0  # events made so far: what a cancelled job cost after its client left
 
     def cancel(self) -> None:
+        """Stop the work: the worker drops the job before its next step, and a reader waiting for events ends."""
         self.cancelled.set()
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, _CANCELLED)
+        except RuntimeError:  # the event loop has shut down: no reader is waiting
+            pass
 
     # worker side
     def step(self) -> Event | None:
         """Advance by one event; None once finished."""
         if self._events is None:
             self._events = self._make_events()
-        return next(self._events, None)
+        event = next(self._events, None)
+        if event is not None:
+            self.steps += 1
+        return event
 
     def close(self) -> None:
         close = getattr(self._events, "close", None)  # a generator; a plain iterator has nothing to release
@@ -138,29 +156,22 @@ class Job:
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
         except RuntimeError:  # the event loop has shut down: nobody is listening
-            self.cancel()
+            self.cancelled.set()
 
     # event-loop side
-    async def next_event(self, disconnected: Disconnected | None = None) -> Event | None:
-        """The next event, None at the end; with ``disconnected``, a client that has gone cancels the job."""
-        while True:
-            try:
-                event = await asyncio.wait_for(self._queue.get(), timeout=0.25 if disconnected else None)
-                break
-            except asyncio.TimeoutError:
-                if await disconnected():
-                    self.cancel()
-                    return None
+    async def next_event(self) -> Event | None:
+        """The next event; None at the end, or once the job is cancelled."""
+        event = await self._queue.get()
         if event[0] == "error":
             raise event[1]
-        return None if event is _END else event
+        return None if event is _END or event is _CANCELLED else event
 
-    async def events(self, disconnected: Disconnected | None = None) -> AsyncIterator[Event]:
+    async def events(self) -> AsyncIterator[Event]:
         try:
-            while (event := await self.next_event(disconnected)) is not None:
+            while (event := await self.next_event()) is not None:
                 yield event
         finally:
-            self.cancel()  # a no-op once finished; stops the generation when the reader went away
+            self.cancel()  # harmless once finished; stops the generation when the reader went away
 
 
 class GenerationWorker:
@@ -229,6 +240,8 @@ class GenerationWorker:
             self.cancelled += 1
             return False
         event = self._advance(job)
+        if event is not None and event[0] == "tick":  # work done, nothing to send yet
+            return True
         if event is not None and event[0] != "error":
             job.emit(event)
             return True

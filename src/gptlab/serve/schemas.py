@@ -8,14 +8,15 @@ server's limits, ``n``, the number of stop strings and the parameters gptlab doe
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Strict
 
 from gptlab.config import SamplingConfig, ServeLimits
 from gptlab.errors import GptlabError
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63: torch takes up to 2**64 - 1, and each choice adds its index
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's, for a request that does not say (gptlab's own default is greedy)
 
 
@@ -35,24 +36,33 @@ class APIError(Exception):
 
 
 # ---- request bodies (types are checked by pydantic: a wrong one is a 422) ---------------------------
+# Strict: JSON's true is not the integer 1 (``max_tokens: true``), nor is "5" a number; a float field
+# still takes an integer (``temperature: 1``).
+
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class SamplingFields(BaseModel):
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # not OpenAI's, but common in OpenAI-compatible servers
-    n: int | None = None
-    stream: bool = False
+    max_tokens: Int | None = None
+    temperature: Float | None = None
+    top_p: Float | None = None
+    top_k: Int | None = None  # not OpenAI's, but common in OpenAI-compatible servers
+    n: Int | None = None
+    stream: Bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    seed: Int | None = None
+    presence_penalty: Float | None = None
+    frequency_penalty: Float | None = None
+    repetition_penalty: Float | None = None  # not OpenAI's: Hugging Face's and vLLM's name and meaning
+    min_p: Float | None = None  # not OpenAI's: vLLM's
     user: str | None = None
 
     @property
@@ -62,10 +72,10 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
-    echo: bool = False
-    logprobs: int | None = None
+    echo: Bool = False
+    logprobs: Int | None = None
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Int | None = None
 
 
 class TextPart(BaseModel):
@@ -81,8 +91,8 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
+    max_completion_tokens: Int | None = None
+    logprobs: Bool | None = None
     tools: list[Any] | None = None
 
 
@@ -114,11 +124,16 @@ class Sampling:
         return replace(self, config=replace(self.config, stop=(*stop, *self.config.stop)))
 
 
+PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p")  # SamplingConfig's names
+
+
 def request_sampling(req: SamplingFields, limits: ServeLimits, max_tokens: int | None) -> Sampling:
     """Out-of-range values become 400s naming the parameter (types were already checked: 422)."""
     max_tokens = check_max_tokens(limits.default_max_tokens if max_tokens is None else max_tokens, limits)
     temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
-    for param, value in (("temperature", temperature), ("top_k", req.top_k), ("top_p", req.top_p)):
+    # the fields that the request set; SamplingConfig's defaults for the rest
+    given = {name: getattr(req, name) for name in PENALTIES if getattr(req, name) is not None}
+    for param, value in (("temperature", temperature), ("top_k", req.top_k), ("top_p", req.top_p), *given.items()):
         try:  # one setting at a time, so the error names the parameter that is wrong
             SamplingConfig(**{param: value})
         except GptlabError as e:
@@ -126,14 +141,13 @@ def request_sampling(req: SamplingFields, limits: ServeLimits, max_tokens: int |
     n = 1 if req.n is None else req.n
     if not 1 <= n <= limits.max_n:
         raise APIError(400, f"n must be between 1 and {limits.max_n} (gptlab serve --max-n), got {n}", param="n")
+    if req.seed is not None and not 0 <= req.seed < SEED_LIMIT:
+        raise APIError(400, f"seed must be an integer in [0, 2**63), got {req.seed}", param="seed")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > MAX_STOP_STRINGS:
         raise APIError(400, f"at most {MAX_STOP_STRINGS} stop sequences, got {len(stop)}", param="stop")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
-            raise APIError(400, f"{name} is not supported by gptlab; leave it at 0", param=name)
     config = SamplingConfig(max_new_tokens=max_tokens, temperature=temperature, top_k=req.top_k, top_p=req.top_p,
-                            seed=req.seed, stop=tuple(s for s in stop if s))
+                            seed=req.seed, stop=tuple(s for s in stop if s), **given)
     return Sampling(config, n)
 
 
@@ -145,6 +159,14 @@ def check_max_tokens(max_tokens: int, limits: ServeLimits) -> int:
         raise APIError(400, f"max_tokens {max_tokens} is over this server's limit of {limits.max_tokens} "
                             "(gptlab serve --max-tokens-limit)", param="max_tokens")
     return max_tokens
+
+
+def check_choices(prompts: int, n: int, limits: ServeLimits) -> None:
+    """A request's cost is its choices, prompts x n, each a whole generation: at most ``max_choices``."""
+    if prompts * n > limits.max_choices:
+        raise APIError(400, f"this request asks for {prompts} prompt(s) x n={n} = {prompts * n} choices, over this "
+                            f"server's limit of {limits.max_choices} per request (gptlab serve --max-choices)",
+                       param="n" if prompts <= limits.max_choices else "prompt", code="too_many_choices")
 
 
 def unsupported(param: str, value: Any) -> None:

@@ -1,12 +1,19 @@
 """Running the app: the listening socket (bound before the model loads), uvicorn in the foreground
-(``gptlab serve``) or in a background thread (tests, benchmarks, notebooks)."""
+(``gptlab serve``) or in a background thread (tests, benchmarks, notebooks), and the connection-level
+limits: how many connections, and how long a client may stay silent or take over a request's headers.
+
+uvicorn speaks HTTP/1.1 through h11 here, always (not httptools where it is installed), with a header
+deadline added (``TimedH11Protocol``); h11 itself refuses headers over 16 KiB.
+"""
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -18,7 +25,6 @@ from gptlab.serve.app import create_app
 from gptlab.serve.engine import ServedModel
 
 log = logging.getLogger("gptlab")
-
 
 
 def bind_warnings(host: str, api_key: str | None) -> list[str]:
@@ -55,10 +61,69 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def timed_protocol(header_timeout: float):
+    """uvicorn's h11 protocol with a deadline on each request's headers (a slow or stalled client is cut off).
+
+    The clock starts when the connection opens and again when a response ends; it stops when a
+    request's headers are complete. uvicorn's own keep-alive timeout (``idle_timeout``) closes a silent
+    connection sooner, but any byte stops that one, so a client trickling a request (or the rest of a
+    body the server has refused and is discarding) is held to this one.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+            # A connection that never sends anything: as silent as an idle keep-alive one.
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a request's headers are complete: the application has it now
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            cycle = self.cycle
+            super().on_response_complete()
+            if self.cycle is cycle and not self.transport.is_closing():  # no pipelined request started
+                self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(header_timeout, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                self.logger.info("closing a connection that did not send a request within %g s "
+                                 "(gptlab serve --header-timeout)", header_timeout)
+                self.transport.close()
+
+    return TimedH11Protocol
+
+
 def uvicorn_server(app: FastAPI, log_level: str):
+    """uvicorn for ``app`` with its connection limits (``app.state.limits``, a ``ServeLimits``)."""
     import uvicorn  # the serve extra; imported when a server starts
 
-    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2))
+    limits: ServeLimits = getattr(app.state, "limits", ServeLimits())
+    return uvicorn.Server(uvicorn.Config(
+        app, log_level=log_level, timeout_graceful_shutdown=2, http=timed_protocol(limits.header_timeout),
+        timeout_keep_alive=limits.idle_timeout, limit_concurrency=limits.max_connections))
 
 
 class BackgroundServer:
@@ -94,14 +159,17 @@ class BackgroundServer:
 
 def serve(source: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None,
           limits: ServeLimits = ServeLimits(), device: str = "auto", name: str | None = None,
-          prompt_style: str | None = None, log_level: str = "info") -> None:
-    """Load ``source`` and serve it until interrupted (``gptlab serve``)."""
+          prompt_style: str | None = None, log_level: str = "info", allowed_hosts: Sequence[str] = ()) -> None:
+    """Load ``source`` and serve it until interrupted (``gptlab serve``).
+
+    torch's thread count is the caller's to set (``gptlab serve --threads``): it is process-wide.
+    """
     for warning in bind_warnings(host, api_key):
         log.warning(warning)
     sock = listening_socket(host, port)
     try:
         served = ServedModel.load(source, device=select_device(device), name=name, prompt_style=prompt_style)
-        app = create_app(served, api_key=api_key, limits=limits)
+        app = create_app(served, api_key=api_key, limits=limits, allowed_hosts=allowed_hosts)
         shown = f"[{host}]" if ":" in host else host
         port = sock.getsockname()[1]
         log.info("serving %s (%s) at http://%s:%d/ (chat page) and http://%s:%d/v1 (OpenAI API)%s",
