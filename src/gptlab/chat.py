@@ -44,11 +44,13 @@ def fit_conversation(style: PromptStyle, tokenizer: Tokenizer, messages: list[di
 
 def chat(model: GPTModel, tokenizer: Tokenizer, style: PromptStyle, system: str | None = None,
          max_new_tokens: int = 256, stop: Sequence[str] = (), read: Callable[[str], str] = input,
-         out: TextIO = sys.stdout, **sampling) -> list[dict]:
+         out: TextIO | None = None, **sampling) -> list[dict]:
     """Run the read-answer loop until /exit, end of input or Ctrl-C at the prompt; returns the conversation.
 
     ``stop`` adds stop strings to the style's; ``sampling`` goes to ``stream_text`` (temperature, top_k, ...).
+    ``out`` defaults to the ``sys.stdout`` of the moment of the call, not of the import.
     """
+    out = out or sys.stdout
     context = model.config.context_length
     budget = context - min(max_new_tokens, context // 2)  # the answer keeps at least half the window
     messages: list[dict] = []
