@@ -182,7 +182,7 @@ def test_save_and_load_both_formats(verdict_bpe, tmp_path):
 def test_cli_trains_a_tokenizer_that_pretraining_and_generation_pick_up(tmp_path, capsys):
     from gptlab.cli import main
     from gptlab.generate import stream_text
-    from gptlab.run import load_run
+    from gptlab.weights import load_run
 
     tok_dir, run_dir = tmp_path / "tok", tmp_path / "run"
     assert main(["train-tokenizer", "--input", str(DATA / "the-verdict.txt"), "--vocab-size", "500",

@@ -14,7 +14,7 @@ from gptlab.classification_data import PadCollate, read_labeled_file, split_exam
 from gptlab.classify import Classifier, last_token_logits
 from gptlab.surgery import add_classifier_head, select_trainable
 from gptlab.model import GPTConfig, GPTModel
-from gptlab.run import load_run, read_run_config
+from gptlab.run import read_run_config
 
 SMS = DATA / "SMSSpamCollection"
 WORDS = {
@@ -240,7 +240,7 @@ def test_balancing_reports_the_left_out_false_positive_rate(tmp_path, capsys):
 def test_init_from_a_pretrained_model_trains_only_the_last_block(tmp_path, capsys, kind):
     from gptlab.run import save_model
     from gptlab.tokenizer import get_tokenizer
-    from gptlab.weights import export_hf
+    from gptlab.weights import export_hf, load_run
 
     torch.manual_seed(0)
     base = GPTModel(GPTConfig.preset("tiny"))  # GPT-2's vocabulary, as from `gptlab pretrain --preset tiny`

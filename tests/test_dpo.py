@@ -28,7 +28,8 @@ from gptlab.preference_data import (
 )
 from gptlab.prompts import ALPACA, PHI3
 from gptlab.respond import model_prompt_style
-from gptlab.run import load_run, read_run_config, save_model
+from gptlab.run import read_run_config, save_model
+from gptlab.weights import load_run
 from gptlab.surgery import add_classifier_head
 from gptlab.tokenizer import get_tokenizer
 from gptlab.train import TrainConfig

@@ -22,7 +22,8 @@ from gptlab.instruction_data import (
 )
 from gptlab.respond import model_prompt_style, respond
 from gptlab.prompts import ALPACA, PHI3, get_prompt_style
-from gptlab.run import load_run
+
+from gptlab.weights import load_run
 from gptlab.tokenizer import get_tokenizer
 from gptlab.train import TrainConfig
 

@@ -15,7 +15,8 @@ import torch
 from gptlab.cli import main
 from gptlab.errors import GptlabError
 from gptlab.model import GPTConfig, GPTModel
-from gptlab.run import load_run, read_run_config, save_model
+from gptlab.run import read_run_config, save_model
+from gptlab.weights import load_run
 from gptlab.surgery import add_classifier_head
 from gptlab.tokenizer import get_tokenizer
 

@@ -11,7 +11,8 @@ from gptlab.data import TokenWindowDataset
 from gptlab.errors import GptlabError
 from gptlab.model import GPTConfig, GPTModel
 from gptlab.pretrain import pretrain
-from gptlab.run import load_run
+
+from gptlab.weights import load_run
 from gptlab.tokenizer import get_tokenizer
 from gptlab.train import TrainConfig, lr_at, make_optimizer, train
 

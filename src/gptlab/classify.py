@@ -32,7 +32,8 @@ from gptlab.errors import GptlabError
 from gptlab.evaluate import ClassificationReport, classification_report
 from gptlab.files import atomic_write_text, read_text
 from gptlab.model import GPTModel
-from gptlab.run import check_output_path, load_run, read_run_config
+from gptlab.run import check_output_path, read_run_config
+from gptlab.weights import load_run
 from gptlab.tokenizer import Tokenizer
 
 log = logging.getLogger("gptlab")

@@ -223,26 +223,34 @@ def load_draft(sampling: dict, model, tokenizer) -> None:
 
 
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="write a model in another ecosystem's format (Hugging Face)",
-                       description="Write SOURCE (a run directory, gpt2, a hub id, an HF/TF folder or a book .pth) "
-                                   "to OUT_DIR as config.json + model.safetensors, which "
-                                   "transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR) loads.")
-    p.add_argument("--format", required=True, choices=["hf"], help="hf: Hugging Face transformers' GPT-2")
+    p = sub.add_parser("export", help="write a model in another format: Hugging Face, PEFT adapters, a standalone run",
+                       description="Write SOURCE (a run directory, a LoRA run, a PEFT adapter folder, gpt2, a hub id, "
+                                   "an HF/TF folder or a book .pth) to OUT_DIR. --format hf: config.json + "
+                                   "model.safetensors, which transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR) "
+                                   "loads. --format peft: a LoRA run's adapters as adapter_config.json + "
+                                   "adapter_model.safetensors, which peft.PeftModel.from_pretrained(BASE, OUT_DIR) "
+                                   "loads on the base (BASE: the base exported with --format hf). --format run: an "
+                                   "ordinary gptlab run directory. A LoRA source needs --merge for hf and run: the "
+                                   "adapters are folded into the weights, and the result needs no base.")
+    p.add_argument("--format", required=True, choices=["hf", "peft", "run"],
+                   help="hf: Hugging Face transformers' GPT-2; peft: Hugging Face PEFT's LoRA adapter (of a LoRA "
+                        "run; base_model_name_or_path names the run's base); run: a gptlab run directory")
     p.add_argument("source", help="model to export")
     p.add_argument("out_dir", help="folder to write (a new or empty one; never SOURCE itself)")
+    p.add_argument("--merge", action="store_true",
+                   help="fold a LoRA source's adapters into its weights (needed by --format hf and run for a LoRA "
+                        "run or PEFT folder); the merged model stands alone, without the base")
     p.add_argument("--overwrite", action="store_true",
-                   help="write into a folder that is not empty: its config.json, model.safetensors (and shard "
-                        "index, shards, pytorch_model.bin) are replaced, other files stay")
+                   help="write into a folder that is not empty: the model files a loader would read (config.json, "
+                        "model.safetensors, a shard index, pytorch_model.bin, PEFT's adapter files) are replaced, "
+                        "other files stay")
     p.set_defaults(run=run_export)
 
 
 def run_export(args) -> None:
-    from gptlab.weights import check_export_dir, export_hf, load
+    from gptlab.weights import export_model
 
-    check_export_dir(args.out_dir, args.overwrite, args.source)  # before reading a model of gigabytes
-    model, tokenizer = load(args.source)
-    export_hf(model, args.out_dir, tokenizer, overwrite=args.overwrite)
-    print(f"wrote {args.out_dir}: Hugging Face GPT-2 ({model.num_parameters() / 1e6:.1f}M parameters)")
+    print(export_model(args.source, args.out_dir, args.format, merge=args.merge, overwrite=args.overwrite))
 
 
 def add_train_tokenizer(sub) -> None:

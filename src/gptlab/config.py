@@ -397,8 +397,83 @@ class ModelOptions:
         return {f.name: getattr(self, f.name) for f in fields(ModelOptions)}
 
 
+# ---- LoRA adapters ---------------------------------------------------------------------------------
+
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "head")  # gptlab.lora.target_layers
+# Every projection inside the blocks: QLoRA (Dettmers et al. 2023) found adapting all of them needed to match
+# full fine-tuning, where attention alone (Hu et al.; PEFT's GPT-2 default, c_attn) falls short. The head is
+# left out: it is tied to the token embedding, and a vocabulary-wide adapter would be a third of the adapter.
+DEFAULT_LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
 @dataclass(frozen=True)
-class PretrainSettings(ModelOptions):
+class LoRAConfig:
+    """One adapter's shape: what a LoRA run stores in its config.json and PEFT's adapter_config.json holds."""
+
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank, as in PEFT and litgpt
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", _lora_targets(self.targets))
+        check_finite("lora-alpha", self.alpha)
+        check_finite("lora-dropout", self.dropout)
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise GptlabError(f"lora-rank must be a positive whole number (8 is usual), got {self.rank}")
+        if self.alpha <= 0:
+            raise GptlabError(f"lora-alpha must be positive (the update is scaled by alpha / rank), got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise GptlabError(f"lora-dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoRAConfig":
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+def _lora_targets(given) -> tuple[str, ...]:
+    """Targets as a tuple, from names given one by one or comma-separated; an unknown or repeated one is an error."""
+    if isinstance(given, str):
+        given = (given,)
+    names = [n.strip() for item in given for n in str(item).split(",") if n.strip()]
+    unknown = [n for n in names if n not in LORA_TARGETS]
+    if unknown or not names:
+        raise GptlabError(f"lora-targets: unknown {', '.join(map(repr, unknown)) or '(none given)'}; choose from "
+                          f"{', '.join(LORA_TARGETS)} (comma-separated or repeated)")
+    if len(set(names)) != len(names):
+        raise GptlabError(f"lora-targets names a layer twice: {', '.join(names)}")
+    return tuple(n for n in LORA_TARGETS if n in names)  # one order, so a resume compares equal
+
+
+@dataclass(frozen=True)
+class LoRAOptions:
+    """``--lora`` and its shape; shared by the stages that fine-tune a loaded model (each settings class extends it)."""
+
+    lora: bool = _opt(False, "train LoRA adapters on the frozen model instead of its weights: the run holds only the "
+                             "adapters (a few MB) and a reference to the base")
+    lora_rank: int = _opt(LoRAConfig.rank, "the adapters' rank")
+    lora_alpha: float = _opt(LoRAConfig.alpha, "the update is scaled by alpha / rank (PEFT, litgpt)")
+    lora_dropout: float = _opt(LoRAConfig.dropout, "dropout on the adapters' input")
+    lora_targets: tuple[str, ...] = _opt(DEFAULT_LORA_TARGETS, "layers that get an adapter, comma-separated: "
+                                         + ", ".join(LORA_TARGETS) + " (the output head; a classifier's new head "
+                                         "trains in full anyway)", metavar="LAYERS")
+
+    def __post_init__(self) -> None:
+        getattr(super(), "__post_init__", lambda: None)()
+        object.__setattr__(self, "lora_targets", _lora_targets(self.lora_targets))
+        self.lora_config()  # its checks, also when --lora is not given: a bad value is never stored
+
+    def lora_config(self) -> LoRAConfig | None:
+        """The adapter to add, or None without ``--lora``."""
+        config = LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
+        return config if self.lora else None
+
+
+@dataclass(frozen=True)
+class PretrainSettings(LoRAOptions, ModelOptions):
     # not required by the parser: a --resume takes the stored one
     data: str = _opt(None, "text file, folder, or token file from `gptlab prepare` (required; --resume: the run's)")
     preset: str = _opt("demo", "model size", choices=tuple(PRESETS))
@@ -414,6 +489,9 @@ class PretrainSettings(ModelOptions):
             raise GptlabError(f"val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.stride is not None and self.stride <= 0:
             raise GptlabError(f"stride must be positive, got {self.stride}")
+        if self.lora and self.init is None:
+            raise GptlabError("--lora adapts a trained model: give --init SOURCE (continued pretraining), or leave "
+                              "--lora out to train from random weights")
 
 
 PRETRAIN_TRAINING = TrainConfig(epochs=10, batch_size=8, lr=4e-4, eval_interval=20, log_interval=10)
@@ -423,7 +501,7 @@ TRAINABLE_CHOICES = ("head", "last-block", "all")  # gptlab.surgery.TRAINABLE_PA
 
 
 @dataclass(frozen=True)
-class ClassifierSettings(ModelOptions):
+class ClassifierSettings(LoRAOptions, ModelOptions):
     data: str = _opt(None, "labelled texts, e.g. data/SMSSpamCollection (required; --resume: the run's)")
     init: str | None = _opt(None, "start from this model (gpt2, a run directory, an HF folder, ...) instead of "
                                   "random weights")
@@ -456,13 +534,23 @@ class ClassifierSettings(ModelOptions):
                               f"got {' '.join(map(str, split))}")
         if self.max_length is not None and self.max_length <= 0:
             raise GptlabError(f"max-length must be positive, got {self.max_length}")
-        for name, allowed in (("padding", CLASSIFIER_PADDING), ("trainable", ("auto", *TRAINABLE_CHOICES)),
+        for name, allowed in (("padding", CLASSIFIER_PADDING), ("trainable", ("auto", "lora", *TRAINABLE_CHOICES)),
                               ("header", ("auto", "yes", "no"))):
             if getattr(self, name) not in allowed:
                 raise GptlabError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.lora and self.init is None:
+            raise GptlabError("--lora adapts a trained model: give --init SOURCE (gpt2, a run directory, ...), or "
+                              "leave --lora out to train from random weights")
+        if self.lora and self.trainable not in ("auto", "lora"):
+            raise GptlabError(f"--trainable {self.trainable} and --lora both choose what trains: with --lora the "
+                              "adapters and the new head train; give one of them")
+        if self.trainable == "lora" and not self.lora:
+            raise GptlabError("trainable 'lora' is what --lora sets: give lora=True (--lora)")
 
     @property
     def resolved_trainable(self) -> str:
+        if self.lora:
+            return "lora"
         if self.trainable == "auto":
             return "last-block" if self.init is not None else "all"
         return self.trainable
@@ -479,7 +567,7 @@ def classifier_training(init: str | None) -> TrainConfig:
 
 
 @dataclass(frozen=True)
-class InstructSettings(ModelOptions):
+class InstructSettings(LoRAOptions, ModelOptions):
     data: str | None = _opt(None, "JSON list or JSONL of {instruction, input, output} records (default: the "
                                   "shipped 1,100-record instruction-data.json)")
     init: str | None = _opt(None, "model to start from: a run directory, gpt2, gpt2-medium, an HF folder, ...")
@@ -502,6 +590,9 @@ class InstructSettings(ModelOptions):
             raise GptlabError("give --init or --preset, not both")
         if self.init is not None and self.tokenizer is not None:
             raise GptlabError(f"--tokenizer is for a fresh --preset; the model {self.init} keeps its own tokenizer")
+        if self.lora and self.init is None:
+            raise GptlabError("--lora adapts a trained model: give --init SOURCE, or leave --lora out to train "
+                              "--preset's random weights")
         check_split_fractions(self.train_fraction, self.test_fraction)
         if self.max_length is not None and self.max_length < 2:  # an input token and its target, at least
             raise GptlabError(f"max-length must be at least 2, got {self.max_length}")
@@ -516,7 +607,7 @@ LOGP_REDUCTIONS = ("mean", "sum")
 
 
 @dataclass(frozen=True)
-class DPOSettings:
+class DPOSettings(LoRAOptions):
     # not required by the parser: a --resume takes the stored one
     init: str = _opt(None, "the instruction-tuned model to align (required): a finetune-instruct run directory (or "
                            "gpt2, an HF folder, ...); it is also the frozen reference")
@@ -540,6 +631,7 @@ class DPOSettings:
                                       "the train_* reward columns (the book: 5)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.init is None:
             raise GptlabError("give --init RUN: the instruction-tuned model to align (from gptlab finetune-instruct)")
         for name in ("beta", "dropout", "train_fraction", "test_fraction"):

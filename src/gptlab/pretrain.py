@@ -11,9 +11,9 @@ from gptlab.config import PRETRAIN_TRAINING, PretrainSettings
 from gptlab.data import TokenWindowDataset, load_tokens, split_tokens
 from gptlab.errors import GptlabError
 from gptlab.generate import generate_text
-from gptlab.run import fingerprint_record, load_run, prepare_out_dir, start_stage
+from gptlab.run import fingerprint_record, prepare_out_dir, start_stage
 from gptlab.train import TrainConfig, TrainResult, train
-from gptlab.weights import build_model
+from gptlab.weights import build_model, load_run
 
 log = logging.getLogger("gptlab")
 
@@ -48,7 +48,7 @@ def pretrain(
     else:
         torch.manual_seed(train_config.seed)  # the initial weights, too, follow --seed
         model, tok = build_model(settings.preset, settings.init, settings.tokenizer, settings.model_overrides(),
-                                 command="pretrain")
+                                 command="pretrain", lora=settings.lora_config())
     train_set, val_set = _windows(settings, tok, model.config.context_length)
     log.info("model: %.2fM parameters", model.num_parameters() / 1e6)
 

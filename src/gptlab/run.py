@@ -4,6 +4,8 @@
       config.json        model config, tokenizer reference, the stage's settings and training config,
                          the data's fingerprint, stage metadata (labels, prompt style, ...)
       model.safetensors  the latest weights (a tied output head is stored once, as ``wte.weight``)
+      adapter.safetensors  instead, in a LoRA run: only what trained (the adapters, a classifier's head);
+                         config.json's "base" names the frozen base and the fingerprint of its weights
       tokenizer/         only for tokenizers that are not built in (``config.json`` then says "tokenizer")
       train_state.pt     weights + optimizer + schedule + RNG + data position, for exact ``--resume``
       metrics.csv        one row per evaluation: step, tokens_seen, train_loss, val_loss, ...
@@ -44,19 +46,20 @@ from gptlab.files import (
 )
 from gptlab.instruction_data import TEST_FILE, VAL_FILE
 from gptlab.model import GPTConfig, GPTModel
-from gptlab.surgery import rebuild_head
-from gptlab.tokenizer import Tokenizer, get_tokenizer
+from gptlab.surgery import trained_names
+from gptlab.tokenizer import Tokenizer
 
 log = logging.getLogger("gptlab")
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter.safetensors"  # a LoRA run's weights: what trained, not the base
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.csv"
 PLOT_FILE = "loss.png"
 TOKENIZER_DIR = "tokenizer"
 BUILTIN_TOKENIZERS = ("gpt2",)
-RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, METRICS_FILE, PLOT_FILE)  # what --overwrite removes
+RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, ADAPTER_FILE, STATE_FILE, METRICS_FILE, PLOT_FILE)  # what --overwrite removes
 # What the stages write beside the checkpoint (the classifier's evaluation, instruct's held-out records).
 EVALUATION_FILE = "evaluation.json"
 ACCURACY_PLOT = "accuracy.png"
@@ -73,9 +76,14 @@ Writer = Callable[[Path], None]
 
 
 def model_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
-    """The weights to store: contiguous tensors, a tied head left out (safetensors refuses shared storage)."""
+    """The weights to store: contiguous tensors, a tied head left out (safetensors refuses shared storage).
+
+    Of a model with LoRA adapters only what trains: the adapters and a classifier's head (``trained_names``).
+    """
     state = model.state_dict()
-    if model.lm_head.weight is model.wte.weight:
+    if getattr(model, "lora", None) is not None:
+        state = {k: state[k] for k in trained_names(model)}
+    elif model.lm_head.weight is model.wte.weight:
         state.pop("lm_head.weight")
     return {k: v.detach().contiguous() for k, v in state.items()}
 
@@ -88,11 +96,14 @@ def model_files(model: GPTModel, tokenizer: Tokenizer, meta: dict | None = None,
     if tokenizer.name not in BUILTIN_TOKENIZERS:
         files[TOKENIZER_DIR] = tokenizer.save
         tokenizer_ref = TOKENIZER_DIR
-    text = json.dumps({"model": model.config.to_dict(), "tokenizer": tokenizer_ref, **(meta or {})}, indent=2) + "\n"
+    lora = getattr(model, "lora", None)
+    adapter = {"lora": lora.to_dict(), "base": model.base_ref} if lora is not None else {}
+    text = json.dumps({"model": model.config.to_dict(), "tokenizer": tokenizer_ref, **(meta or {}), **adapter},
+                      indent=2) + "\n"
     files[CONFIG_FILE] = lambda path: path.write_text(text, encoding="utf-8")
     state = {k: v.cpu() for k, v in model_state_dict(model).items()}
     metadata = {"format": "pt", **({"step": str(step)} if step is not None else {})}
-    files[WEIGHTS_FILE] = lambda path: save_file(state, path, metadata=metadata)
+    files[ADAPTER_FILE if lora is not None else WEIGHTS_FILE] = lambda path: save_file(state, path, metadata=metadata)
     return files
 
 
@@ -317,22 +328,17 @@ def _unpickling_reason(message: str) -> str:
     return "not a PyTorch file of tensors"
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[GPTModel, Tokenizer, dict]:
-    """Rebuild the model and tokenizer a stage saved; returns ``(model, tokenizer, config_json)``."""
+def read_run_weights(run_dir: str | Path, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a run's ``model.safetensors`` or ``adapter.safetensors`` (``gptlab.weights.load_run``
+    builds the model around them)."""
     run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
-    weights = run_file(run_dir, WEIGHTS_FILE)
-    if not weights.is_file():
-        raise GptlabError(f"{run_dir}: no {WEIGHTS_FILE}; the run was never checkpointed (train it, or --resume)")
+    path = run_file(run_dir, name)
+    if not path.is_file():
+        raise GptlabError(f"{run_dir}: no {name}; the run was never checkpointed (train it, or --resume)")
     try:
-        state = read_run_file(run_dir, WEIGHTS_FILE, lambda p: load_file(p, device=str(device)))
+        return read_run_file(run_dir, name, lambda p: load_file(p, device=str(device)))
     except (SafetensorError, OSError) as e:
-        raise GptlabError(f"{run_dir / WEIGHTS_FILE}: corrupt weights file ({e})") from None
-    with torch.device("meta"):  # no random init to overwrite: the loaded tensors become the parameters
-        model = rebuild_head(GPTModel(GPTConfig.from_dict(config["model"])), config)
-    load_model_weights(model, state, weights, assign=True)
-    tokenizer = get_tokenizer(config["tokenizer"], base_dir=run_file(run_dir, TOKENIZER_DIR).parent)
-    return model.eval(), tokenizer, config
+        raise GptlabError(f"{run_dir / name}: corrupt weights file ({e})") from None
 
 
 def prepare_out_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:

@@ -33,7 +33,8 @@ from gptlab.files import atomic_write_text
 from gptlab.model import GPTModel
 from gptlab.plotting import plot_lines
 from gptlab.run import (
-    METRICS_FILE, PLOT_FILE, STATE_FILE, clear_run, load_torch_file, model_files, recover_run_dir, write_run_files,
+    METRICS_FILE, PLOT_FILE, STATE_FILE, clear_run, load_model_weights, load_torch_file, model_files, model_state_dict,
+    recover_run_dir, write_run_files,
 )
 from gptlab.tokenizer import Tokenizer
 
@@ -207,6 +208,9 @@ class _Run:
         self.eval_interval = config.eval_interval or steps_per_epoch  # None: once per epoch
 
         self.optimizer = make_optimizer(model, config, self.device)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if trainable < model.num_parameters():
+            log.info("training %s of the model's %s parameters", f"{trainable:,}", f"{model.num_parameters():,}")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.forward_model = torch.compile(model) if config.compile else model
 
@@ -326,7 +330,7 @@ class _Run:
             self._diverged(f"the weights after step {step} are not finite")
         payload = {
             "state": {**self.state, "loss_sum": self.loss_sum.item()},
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model": {k: v.cpu() for k, v in model_state_dict(self.model).items()},  # a LoRA model's: what trains
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -430,10 +434,12 @@ def _load_state(out_dir: Path, model, optimizer, scaler, device) -> dict:
     payload = load_torch_file(path, fix)
     if not isinstance(payload, dict) or not {"state", "model", "optimizer", "scaler", "rng"} <= payload.keys():
         raise GptlabError(f"{path}: not a gptlab training state; {fix}")
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as e:
-        raise GptlabError(f"{path}: the checkpoint belongs to another model config ({str(e).splitlines()[0]})") from None
+    state = payload["model"]
+    if not isinstance(state, dict):
+        raise GptlabError(f"{path}: not a gptlab training state; {fix}")
+    if model.lm_head.weight is model.wte.weight:  # states written before LoRA held a tied head twice
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    load_model_weights(model, state, path)
     model.to(device)
     try:
         optimizer.load_state_dict(payload["optimizer"])

@@ -2,7 +2,8 @@
 
 ``load(source)`` returns ``(model, tokenizer)`` for any of these sources:
 
-    run directory   what gptlab's stages write (``config.json`` with a "model" section, see ``gptlab.run``)
+    run directory   what gptlab's stages write (``config.json`` with a "model" section, see ``gptlab.run``);
+                    a LoRA run's base is loaded from where it names and checked against its fingerprint
     gpt2, gpt2-medium, gpt2-large, gpt2-xl
                     OpenAI's GPT-2 from the Hugging Face hub (``openai-community/gpt2`` ...)
     org/name        any GPT-2 model on the Hugging Face hub (a local path of that name wins)
@@ -10,6 +11,8 @@
     TF folder       OpenAI's original TensorFlow checkpoint: ``hparams.json`` + ``model.ckpt.*``
                     (as the LLMs-from-scratch book's ``gpt_download.py`` leaves it; needs ``gptlab[tf]``)
     book .pth       a state dict of the LLMs-from-scratch book's ``GPTModel`` (``tok_emb``, ``trf_blocks.N.att.W_query``)
+    PEFT folder     Hugging Face PEFT's LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``): its
+                    base (``base_model_name_or_path``, any of these sources) with the adapters added, unmerged
 
 Every format is a small key map onto gptlab's names, which already are OpenAI's (``wte``, ``h.N.attn.c_attn``).
 The configuration is read from the checkpoint; ``expect=`` turns a mismatch into an error naming the fields.
@@ -20,7 +23,8 @@ they arrive. Loading gpt2-xl so holds one copy of the weights plus one tensor, n
 Nothing is ever unpickled: safetensors, or ``torch.load(weights_only=True)``.
 
 ``export_hf(model, out_dir)`` writes ``config.json`` + ``model.safetensors`` that
-``transformers.GPT2LMHeadModel.from_pretrained(out_dir)`` loads.
+``transformers.GPT2LMHeadModel.from_pretrained(out_dir)`` loads; ``export_peft`` writes a LoRA model's adapters
+as a PEFT folder, ``export_run`` a gptlab run, and ``export_model`` is ``gptlab export`` (``--merge`` first).
 """
 from __future__ import annotations
 
@@ -36,11 +40,16 @@ from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from gptlab.config import LoRAConfig
 from gptlab.errors import GptlabError
 from gptlab.model import GPTConfig, GPTModel
 from gptlab.files import atomic_write, atomic_write_text, check_writable_dir, same_path
-from gptlab.surgery import add_classifier_head
-from gptlab.run import BUILTIN_TOKENIZERS, CONFIG_FILE, load_model_weights, load_run, load_torch_file, source_metadata
+from gptlab.surgery import add_classifier_head, add_lora, is_classifier, merge_lora, rebuild_head, weights_fingerprint
+from gptlab.lora import LoRALinear
+from gptlab.run import (
+    ADAPTER_FILE, BUILTIN_TOKENIZERS, CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, clear_run, load_model_weights,
+    load_torch_file, read_run_config, read_run_weights, run_file, save_model, source_metadata,
+)
 from gptlab.tokenizer import Tokenizer, get_tokenizer
 
 log = logging.getLogger("gptlab")
@@ -61,6 +70,12 @@ HF_WEIGHTS = "model.safetensors"
 HF_SHARD_INDEX = "model.safetensors.index.json"
 HF_TORCH_WEIGHTS = "pytorch_model.bin"
 HF_TOKENIZER_DIR = "gptlab_tokenizer"  # not "tokenizer.json" at the top: that name is Hugging Face's
+# Hugging Face PEFT's adapter folder (``export_peft``, ``_load_peft_folder``); it wins over a config.json beside it,
+# as in transformers, which loads such a folder's base from base_model_name_or_path.
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_TORCH_WEIGHTS = "adapter_model.bin"
+PEFT_FILES = (PEFT_CONFIG, PEFT_WEIGHTS, PEFT_TORCH_WEIGHTS)
 # OpenAI (and so Hugging Face) store these as Conv1D weights, (in, out); a Linear's weight is (out, in).
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -127,9 +142,9 @@ def download_from_hub(repo_id: str) -> Path:
     return folder
 
 
-MODEL_FOLDER_FILES = (HF_WEIGHTS, HF_TORCH_WEIGHTS, "hparams.json")  # a path to one of these means its folder
+MODEL_FOLDER_FILES = (HF_WEIGHTS, HF_TORCH_WEIGHTS, "hparams.json", *PEFT_FILES)  # a path to one means its folder
 # Files in a folder that a loader would read in place of (or beside) what export_hf writes: --overwrite removes them.
-SHADOWING_FILES = (HF_SHARD_INDEX, HF_TORCH_WEIGHTS)
+SHADOWING_FILES = (HF_SHARD_INDEX, HF_TORCH_WEIGHTS, *PEFT_FILES)
 
 
 def check_export_dir(out_dir: str | Path, overwrite: bool = False, source: str | Path | None = None) -> Path:
@@ -156,6 +171,10 @@ def export_hf(model: GPTModel, out_dir: str | Path, tokenizer: Tokenizer | None 
     A folder that is not empty is refused unless ``overwrite``, which replaces those files (and removes a
     shard index, its shards and a ``pytorch_model.bin``, which loaders would read instead); other files stay.
     """
+    if getattr(model, "lora", None) is not None:
+        raise GptlabError("this model has LoRA adapters, which a Hugging Face GPT-2 folder cannot hold: merge them "
+                          "into the weights first (gptlab export --merge; gptlab.surgery.merge_lora), or write the "
+                          "adapters alone with --format peft")
     out_dir = check_export_dir(out_dir, overwrite)
     config = model.config
     head = model.lm_head.weight
@@ -235,15 +254,74 @@ def _export_tokenizer(tokenizer: Tokenizer | None, out_dir: Path) -> str:
     return HF_TOKENIZER_DIR
 
 
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[GPTModel, Tokenizer, dict]:
+    """Rebuild the model and tokenizer a stage saved; returns ``(model, tokenizer, config_json)``.
+
+    A LoRA run (config.json "lora") comes back with its adapters unmerged, on the base its "base" names.
+    """
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    if "lora" in config:
+        model = _lora_run_model(run_dir, config, device)
+    else:
+        state = read_run_weights(run_dir, WEIGHTS_FILE, device)
+        with torch.device("meta"):  # no random init to overwrite: the loaded tensors become the parameters
+            model = rebuild_head(GPTModel(GPTConfig.from_dict(config["model"])), config)
+        load_model_weights(model, state, run_dir / WEIGHTS_FILE, assign=True)
+    tokenizer = get_tokenizer(config["tokenizer"], base_dir=run_file(run_dir, TOKENIZER_DIR).parent)
+    return model.eval(), tokenizer, config
+
+
+def base_reference(source: str | Path, model: GPTModel) -> dict:
+    """What a LoRA run stores of its base: where it is (a local path made absolute) and its weights' digest."""
+    where = str(Path(source).resolve()) if Path(source).exists() else str(source)
+    return {"source": where, "fingerprint": weights_fingerprint(model)}
+
+
+def load_base(source: str | Path, device: str | torch.device = "cpu") -> tuple[GPTModel, Tokenizer]:
+    """``load``, with the adapters of a LoRA source folded in: a model to train on like any other."""
+    model, tokenizer = load(source, device)
+    if getattr(model, "lora", None) is not None:
+        merge_lora(model)
+    return model, tokenizer
+
+
+def _lora_run_model(run_dir: Path, config: dict, device) -> GPTModel:
+    base = config.get("base")
+    try:
+        lora = LoRAConfig.from_dict(config["lora"])
+        source, expected = base["source"], base["fingerprint"]
+    except (TypeError, KeyError, GptlabError) as e:
+        raise GptlabError(f"{run_dir / CONFIG_FILE}: a LoRA run without a readable adapter or base entry ({e}); "
+                          "the run is damaged, train it again") from None
+    try:
+        model, _ = load_base(source, device)
+    except GptlabError as e:
+        raise GptlabError(f"{run_dir} holds LoRA adapters for the base {source}, which does not load ({e}); put "
+                          "the base back there, or train the adapters again on another --init") from None
+    found = weights_fingerprint(model)
+    if found != expected:
+        raise GptlabError(f"{run_dir} holds LoRA adapters for the base {source}, but the weights there are not the "
+                          f"ones they were trained on (fingerprint {found[7:19]}, the run's {expected[7:19]}); put "
+                          "the original base back, or train the adapters again on this one")
+    check_config(model.config, GPTConfig.from_dict(config["model"]), source)
+    model.set_dropout(config["model"].get("dropout", 0.0))
+    add_lora(rebuild_head(model, config), lora, base)
+    load_model_weights(model, read_run_weights(run_dir, ADAPTER_FILE, device), run_dir / ADAPTER_FILE)
+    return model
+
+
 # ---- which format is this? ----------------------------------------------------------------------
 
 def _load_local(path: Path, expect: GPTConfig | None) -> tuple[GPTModel, Tokenizer]:
     if path.is_file():
         if path.suffix in (".pth", ".pt"):
             return _load_book_pth(path, expect)
-        if path.name == HF_WEIGHTS or path.name == HF_TORCH_WEIGHTS or path.name == "hparams.json":
+        if path.name in MODEL_FOLDER_FILES:
             return _load_local(path.parent, expect)
         raise GptlabError(f"{path}: unknown model file; give a folder, or a .pth state dict of the book's GPTModel")
+    if (path / PEFT_CONFIG).is_file():
+        return _load_peft_folder(path, expect)
     config_path = path / CONFIG_FILE
     if config_path.is_file():
         config = _read_json(config_path)
@@ -254,8 +332,8 @@ def _load_local(path: Path, expect: GPTConfig | None) -> tuple[GPTModel, Tokeniz
     if (path / "hparams.json").is_file():
         return _load_tf_folder(path)
     raise GptlabError(
-        f"{path}: not a model folder: expected a gptlab run or Hugging Face folder ({CONFIG_FILE}), "
-        "or OpenAI's TensorFlow checkpoint (hparams.json + model.ckpt.*)"
+        f"{path}: not a model folder: expected a gptlab run or Hugging Face folder ({CONFIG_FILE}), a PEFT "
+        f"adapter ({PEFT_CONFIG}), or OpenAI's TensorFlow checkpoint (hparams.json + model.ckpt.*)"
     )
 
 
@@ -538,11 +616,6 @@ def _load_book_pth(path: Path, expect: GPTConfig | None) -> tuple[GPTModel, Toke
     return _assemble(config, state, path), _gpt2_tokenizer(config, path)
 
 
-def is_classifier(model: GPTModel) -> bool:
-    """Does the model predict classes (a classifier run's head) instead of the next token?"""
-    return model.lm_head.weight.shape[0] != model.config.vocab_size
-
-
 def require_language_model(model: GPTModel, source: str | Path, command: str) -> None:
     """Refuse a classifier where the next token is needed: its few-class head would "generate" tokens 0, 1, ..."""
     if is_classifier(model):
@@ -552,26 +625,373 @@ def require_language_model(model: GPTModel, source: str | Path, command: str) ->
                           f"model. Label texts with `gptlab classify --model {source} TEXT`")
 
 
-def build_model(preset: str, init: str | None, tokenizer_name: str | None,
-                overrides: dict, command: str = "training", drop_head: bool = False) -> tuple[GPTModel, Tokenizer]:
+def build_model(preset: str, init: str | None, tokenizer_name: str | None, overrides: dict,
+                command: str = "training", drop_head: bool = False, num_classes: int | None = None,
+                lora: LoRAConfig | None = None) -> tuple[GPTModel, Tokenizer]:
     """A fresh model from a preset (sized to the tokenizer's vocabulary), or a loaded one from ``init``.
 
     A classifier run as ``init`` is refused (``command`` names the stage that needs a language model) unless
-    ``drop_head``: then its backbone is taken and the caller gives it a new head.
+    ``drop_head``: then its backbone is taken for the new head. ``num_classes`` gives it a classifier head;
+    ``lora`` freezes the loaded model and adds adapters (the run then refers to ``init`` as its base).
+    The model comes back in training mode with what trains unfrozen: adapters and a new head with ``lora``,
+    every parameter otherwise (a stage narrows that with ``gptlab.surgery.select_trainable``).
     """
-    if init is not None:
-        model, tokenizer = load(init)
-        if drop_head and not is_classifier(model):
-            raise GptlabError(f"--drop-head: {init} has no classifier head to drop (it is a language model); "
-                              "leave --drop-head out")
-        if not drop_head and is_classifier(model):
-            require_language_model(model, init, command)
-        changed = {k: v for k, v in overrides.items() if v is not None and getattr(model.config, k) != v}
-        if "dropout" in changed:
-            model.set_dropout(changed.pop("dropout"))
-        if changed:
-            raise GptlabError(f"--init {init}: cannot change {sorted(changed)} of a trained model")
-        return model.train(), tokenizer
-    tokenizer = get_tokenizer(tokenizer_name or "gpt2")
-    config = GPTConfig.preset(preset, **{"vocab_size": tokenizer.n_vocab, **overrides})
-    return GPTModel(config), tokenizer
+    if init is None:
+        if lora is not None:
+            raise GptlabError("LoRA adapts a trained model: give --init SOURCE, or leave --lora out")
+        tokenizer = get_tokenizer(tokenizer_name or "gpt2")
+        config = GPTConfig.preset(preset, **{"vocab_size": tokenizer.n_vocab, **overrides})
+        model = GPTModel(config)
+        return (add_classifier_head(model, num_classes) if num_classes else model), tokenizer
+    model, tokenizer = load_base(init)
+    if drop_head and not is_classifier(model):
+        raise GptlabError(f"--drop-head: {init} has no classifier head to drop (it is a language model); "
+                          "leave --drop-head out")
+    if not drop_head and is_classifier(model):
+        require_language_model(model, init, command)
+    changed = {k: v for k, v in overrides.items() if v is not None and getattr(model.config, k) != v}
+    if "dropout" in changed:
+        model.set_dropout(changed.pop("dropout"))
+    if changed:
+        raise GptlabError(f"--init {init}: cannot change {sorted(changed)} of a trained model")
+    base = base_reference(init, model) if lora is not None else None  # of the weights as loaded, before surgery
+    model.requires_grad_(True)
+    if num_classes:
+        add_classifier_head(model, num_classes)
+    if lora is not None:
+        add_lora(model, lora, base)
+    return model.train(), tokenizer
+
+
+# ---- Hugging Face PEFT: LoRA adapters of a GPT-2 ------------------------------------------------
+#
+# PEFT's adapter folder is adapter_config.json + adapter_model.safetensors, keyed by the module names of
+# transformers' GPT2LMHeadModel behind "base_model.model.": ``...transformer.h.3.attn.c_attn.lora_A.weight``
+# (rank, in) and ``.lora_B.weight`` (out, rank), the head's ``base_model.model.lm_head.lora_A.weight``. Those are
+# gptlab's own layout (gptlab.lora) and names (OpenAI's, minus "transformer."), so the adapters move as they are:
+# PEFT's Conv1D layers take the same (rank, in) / (out, rank) matrices, fan_in_fan_out only turns the merged delta.
+
+PEFT_PREFIX = "base_model.model."
+# gptlab's LoRA target -> PEFT's target_modules entry (a module name suffix, matched at a "." boundary)
+PEFT_TARGETS = {"attn.c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj", "mlp.c_fc": "mlp.c_fc",
+                "mlp.c_proj": "mlp.c_proj", "head": "lm_head"}
+PEFT_LORA_KEY = re.compile(r"base_model\.model\.(?:transformer\.)?(h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|"
+                           r"mlp\.c_proj)|lm_head)\.lora_([AB])\.weight")
+PEFT_GPT2_MODULE = re.compile(r"base_model\.model\.(?:transformer\.)?((?:h\.\d+\.)?[a-z_0-9]+(?:\.c_[a-z]+)?|lm_head)"
+                              r"\.(.+)")
+GPT2_MODULE_NAMES = re.compile(r"(h\.\d+\.(attn|mlp|ln_1|ln_2)(\.c_[a-z]+)?|wte|wpe|ln_f|lm_head)")
+# LoraConfig fields that select what gptlab's LoRA does not compute; any value but an empty one is refused
+PEFT_VARIANTS = ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "lora_bias", "modules_to_save",
+                 "layer_replication", "target_parameters", "trainable_token_indices", "use_qalora", "use_bdlora",
+                 "velora_config", "monteclora_config", "arrow_config", "kasa_config", "alora_invocation_tokens")
+# init_lora_weights that leave the base's weights as they are (PiSSA, OLoRA, CorDA, LoftQ change them)
+PEFT_PLAIN_INITS = (True, False, None, "gaussian", "eva", "orthogonal")
+EXPORT_FORMATS = ("hf", "peft", "run")
+
+_peft_folders_loading: list[Path] = []  # a base_model_name_or_path chain that comes back to itself is an error
+
+
+def export_peft(model: GPTModel, out_dir: str | Path, base_name_or_path: str, overwrite: bool = False) -> None:
+    """Write the adapters of a LoRA ``model`` as Hugging Face PEFT's LoRA adapter folder for GPT-2.
+
+    ``adapter_config.json`` (peft_type LORA, task_type CAUSAL_LM, ``base_model_name_or_path`` =
+    ``base_name_or_path``) and ``adapter_model.safetensors``, which
+    ``peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(BASE), out_dir)`` loads: BASE being the
+    base's weights in Hugging Face's layout (``export_hf`` of it). Only the adapters are written, never the base.
+    A folder that is not empty is refused unless ``overwrite``, which also removes files a loader would read
+    instead (``adapter_model.bin``); other files stay.
+    """
+    lora = getattr(model, "lora", None)
+    if lora is None:
+        raise GptlabError("this model has no LoRA adapters; --format peft writes the adapters of a LoRA run "
+                          "(train one with --lora), --format hf a whole model")
+    if is_classifier(model):
+        raise GptlabError("this is a classifier LoRA run; PEFT export covers language models: write a standalone "
+                          "run of it with `gptlab export --merge --format run SOURCE OUT_DIR`")
+    out_dir = check_export_dir(out_dir, overwrite)
+    state: State = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoRALinear):
+            module = f"{PEFT_PREFIX}{'' if name == 'lm_head' else 'transformer.'}{name}"
+            state[f"{module}.lora_A.weight"] = layer.lora_A
+            state[f"{module}.lora_B.weight"] = layer.lora_B
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_name_or_path),
+        "revision": None,
+        "inference_mode": True,
+        "r": lora.rank,
+        "lora_alpha": alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": [PEFT_TARGETS[t] for t in lora.targets],
+        # GPT-2's block layers are Conv1D (weights stored (in, out)); the head is a Linear, for which PEFT turns
+        # the flag off again (with a warning) when it is the only target
+        "fan_in_fan_out": any(t != "head" for t in lora.targets),
+        "bias": "none",
+        "lora_bias": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+        # a tied head's adapter changes the head alone, as in gptlab; True would give the embedding one too
+        "ensure_weight_tying": False,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        (out_dir / PEFT_TORCH_WEIGHTS).unlink(missing_ok=True)
+    atomic_write(out_dir / PEFT_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write_text(out_dir / PEFT_CONFIG, json.dumps(config, indent=2) + "\n")
+
+
+def export_model(source: str | Path, out_dir: str | Path, format: str = "hf", merge: bool = False,
+                 overwrite: bool = False) -> str:
+    """``gptlab export``: write the model ``source`` (anything ``load`` reads) to ``out_dir``; returns a summary line.
+
+    ``format``: "hf" (``export_hf``), "peft" (``export_peft`` of a LoRA source's adapters, naming its base) or
+    "run" (an ordinary gptlab run directory, ``gptlab.run.save_model``). A LoRA source (a LoRA run, a PEFT
+    folder) needs ``merge`` for "hf" and "run": its adapters are folded into the weights, and what is written
+    stands alone, without the base.
+    """
+    if format not in EXPORT_FORMATS:
+        raise GptlabError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if format == "peft" and merge:
+        raise GptlabError("--merge folds the adapters into the weights, and --format peft writes the adapters "
+                          "alone: leave out --merge, or use --format hf / run for the merged model")
+    check_export_dir(out_dir, overwrite, source)  # before reading a model of gigabytes
+    lora_source = _is_lora_source(source)
+    if format != "peft" and not merge and lora_source:
+        raise _needs_merge(source, format)
+    if format == "peft" and not lora_source:
+        raise _no_adapters(source)
+    model, tokenizer = load(source)
+    lora = getattr(model, "lora", None)
+    if format == "peft":
+        if lora is None:
+            raise _no_adapters(source)
+        base = model.base_ref["source"]
+        export_peft(model, out_dir, base, overwrite=overwrite)
+        return (f"wrote {out_dir}: PEFT LoRA adapter (rank {lora.rank}, {', '.join(lora.targets)}) "
+                f"for the base {base}")
+    if lora is not None:
+        if not merge:
+            raise _needs_merge(source, format)
+        merge_lora(model)
+    merged = ", LoRA merged" if lora is not None else ""
+    size = f"{model.num_parameters() / 1e6:.1f}M parameters"
+    if format == "hf":
+        export_hf(model, out_dir, tokenizer, overwrite=overwrite)
+        return f"wrote {out_dir}: Hugging Face GPT-2 ({size}{merged})"
+    export_run(model, out_dir, tokenizer, source, overwrite=overwrite)
+    return f"wrote {out_dir}: gptlab run ({size}{merged})"
+
+
+def export_run(model: GPTModel, out_dir: str | Path, tokenizer: Tokenizer, source: str | Path | None = None,
+               overwrite: bool = False) -> None:
+    """Write ``model`` (without adapters) as an ordinary gptlab run directory, usable without any base.
+
+    A run directory ``source`` passes on what its users read (stage, labels, classifier settings, prompt style);
+    its LoRA entries ("lora", "base") do not apply to the merged weights and are left out.
+    """
+    if getattr(model, "lora", None) is not None:
+        raise GptlabError("this model has LoRA adapters; a standalone run holds merged weights: merge them first "
+                          "(gptlab export --merge; gptlab.surgery.merge_lora)")
+    out_dir = check_export_dir(out_dir, overwrite)
+    meta = {k: v for k, v in source_metadata(source).items()
+            if k not in ("model", "tokenizer", "lora", "base")} if source is not None else {}
+    if source is not None:
+        meta["exported_from"] = str(Path(source).resolve()) if Path(source).exists() else str(source)
+    if overwrite and out_dir.is_dir():
+        clear_run(out_dir)
+        _remove_shadowing_files(out_dir)
+    save_model(out_dir, model, tokenizer, meta)
+
+
+def _is_lora_source(source: str | Path) -> bool:
+    """Does ``source`` hold LoRA adapters (a LoRA run, a PEFT folder)? Told from its files, without loading it."""
+    path = Path(source)
+    folder = path.parent if path.is_file() and path.name in MODEL_FOLDER_FILES else path
+    return (folder / PEFT_CONFIG).is_file() or "lora" in source_metadata(folder)
+
+
+def _no_adapters(source: str | Path) -> GptlabError:
+    return GptlabError(f"{source} has no LoRA adapters; --format peft writes the adapters of a LoRA run (train one "
+                       "with --lora); write a whole model with --format hf")
+
+
+def _needs_merge(source: str | Path, format: str) -> GptlabError:
+    what = "a Hugging Face GPT-2 folder" if format == "hf" else "a standalone run"
+    return GptlabError(f"{source} holds LoRA adapters, which {what} cannot keep apart from the weights: pass "
+                       f"--merge to fold them in (the result needs no base), or write the adapters alone for "
+                       f"PEFT with --format peft")
+
+
+def _load_peft_folder(folder: Path, expect: GPTConfig | None) -> tuple[GPTModel, Tokenizer]:
+    """A PEFT LoRA adapter folder: its base (``base_model_name_or_path``, any source ``load`` reads) with the
+    adapters added by ``add_lora``, unmerged; the base's own adapters, if it has any, are merged into it first."""
+    config_path = folder / PEFT_CONFIG
+    raw = _read_json(config_path)
+    lora = _peft_lora_config(raw, config_path)
+    file, tensors = _peft_tensors(folder)
+    adapters, saved = _peft_to_gptlab(tensors, file)
+    targets = tuple(sorted({_gptlab_target(name) for name in adapters}))
+    try:
+        lora = LoRAConfig(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=targets)
+    except GptlabError as e:
+        raise GptlabError(f"{config_path}: {e}") from None
+
+    base = _peft_base(raw, folder)
+    resolved = Path(base).resolve() if Path(base).exists() else None
+    if resolved is not None and any(same_path(resolved, f) for f in [folder, *_peft_folders_loading]):
+        raise GptlabError(f"{config_path}: base_model_name_or_path {base!r} leads back to this adapter folder; "
+                          "point it at the base model the adapter was trained on")
+    _peft_folders_loading.append(folder.resolve())
+    try:
+        model, tokenizer = load(base, expect=expect)
+    except GptlabError as e:
+        raise GptlabError(f"{folder} is a PEFT adapter for the base {base}, which does not load ({e}); set "
+                          f"base_model_name_or_path in {PEFT_CONFIG} to where the base is") from None
+    finally:
+        _peft_folders_loading.pop()
+    if getattr(model, "lora", None) is not None:
+        merge_lora(model)
+    if is_classifier(model):
+        raise GptlabError(f"{folder}: its base {base} is a classifier; a PEFT adapter loads on a GPT-2 language "
+                          "model (task_type CAUSAL_LM)")
+
+    _check_peft_shapes(model, adapters, lora.rank, file, base)
+    for name, tensor in saved.items():  # a copy of a base layer that PEFT saved beside the adapters
+        own = model.get_submodule(name).weight
+        if tensor.shape != own.shape or not torch.allclose(tensor.to(own.dtype), own.detach(), atol=1e-6):
+            raise GptlabError(f"{file}: holds its own {name} weights, unlike those of the base {base} (a resized "
+                              "or trained embedding); gptlab applies LoRA adapters on the base as it is")
+    add_lora(model, lora, base_reference(base, model))
+    # every layer of a target gets an adapter in gptlab; those PEFT left out (layers_to_transform) are zeros: no change
+    state = {}
+    for name in _lora_layer_names(model):
+        a, b = adapters.get(name, {}).get("A"), adapters.get(name, {}).get("B")
+        layer = model.get_submodule(name)
+        state[f"{name}.lora_A"] = a if a is not None else torch.zeros_like(layer.lora_A)
+        state[f"{name}.lora_B"] = b if b is not None else torch.zeros_like(layer.lora_B)
+    load_model_weights(model, state, file)
+    return model, tokenizer
+
+
+def _peft_lora_config(raw: dict, path: Path) -> LoRAConfig:
+    """The rank, alpha and dropout of a PEFT ``adapter_config.json``; what gptlab's LoRA does not compute is refused."""
+    if raw.get("peft_type") != "LORA":
+        raise GptlabError(f"{path}: peft_type {raw.get('peft_type')!r}: gptlab loads LoRA adapters only "
+                          "(peft_type 'LORA')")
+    if raw.get("task_type") not in ("CAUSAL_LM", None):
+        raise GptlabError(f"{path}: task_type {raw.get('task_type')!r}: gptlab loads adapters of language models "
+                          "(task_type 'CAUSAL_LM')")
+    found = [f"{k}={json.dumps(raw[k])}" for k in PEFT_VARIANTS if raw.get(k) not in (None, False, {}, [])]
+    if raw.get("bias", "none") != "none":
+        found.append(f"bias={json.dumps(raw['bias'])}")
+    if raw.get("init_lora_weights", True) not in PEFT_PLAIN_INITS:
+        found.append(f"init_lora_weights={json.dumps(raw['init_lora_weights'])} (it changes the base's weights)")
+    if found:
+        raise GptlabError(f"{path}: gptlab's LoRA does not implement {', '.join(found)}; it loads plain LoRA "
+                          "adapters (one rank and alpha for every layer, no DoRA or rsLoRA)")
+    rank, alpha, dropout = raw.get("r", 8), raw.get("lora_alpha", 8), raw.get("lora_dropout", 0.0)
+    if not isinstance(rank, int) or isinstance(rank, bool) or not isinstance(alpha, (int, float)) \
+            or not isinstance(dropout, (int, float)):
+        raise GptlabError(f"{path}: r, lora_alpha and lora_dropout must be numbers, got {rank!r}, {alpha!r}, "
+                          f"{dropout!r}")
+    try:
+        return LoRAConfig(rank=rank, alpha=float(alpha), dropout=float(dropout))
+    except GptlabError as e:
+        raise GptlabError(f"{path}: {e}") from None
+
+
+def _peft_tensors(folder: Path) -> tuple[Path, State]:
+    for name in (PEFT_WEIGHTS, PEFT_TORCH_WEIGHTS):
+        file = folder / name
+        if file.is_file():
+            break
+    else:
+        raise GptlabError(f"{folder}: no {PEFT_WEIGHTS} (or {PEFT_TORCH_WEIGHTS}) next to {PEFT_CONFIG}")
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(file, framework="pt") as f:
+                return file, {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise GptlabError(f"{file}: corrupt weights file ({e})") from None
+    state = _torch_load(file)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise GptlabError(f"{file}: not a state dict (a dict of tensors)")
+    return file, state
+
+
+def _peft_to_gptlab(tensors: State, file: Path) -> tuple[dict[str, dict[str, torch.Tensor]], State]:
+    """PEFT's keys -> ``{gptlab layer name: {"A": lora_A, "B": lora_B}}``, and the base layers PEFT saved a copy of
+    (``lm_head.base_layer.weight``, with a tied head among the targets); other keys are errors naming them."""
+    adapters: dict[str, dict[str, torch.Tensor]] = {}
+    saved: State = {}
+    for key, tensor in sorted(tensors.items()):
+        if m := PEFT_LORA_KEY.fullmatch(key):
+            adapters.setdefault(m[1], {})[m[4]] = tensor
+            continue
+        module = PEFT_GPT2_MODULE.fullmatch(key)
+        if module and module[1] in ("lm_head", "wte") and module[2] == "base_layer.weight":
+            saved[module[1]] = tensor
+        elif module and GPT2_MODULE_NAMES.fullmatch(module[1]):
+            gpt2_name = module[1].split(".", 2)[-1] if module[1].startswith("h.") else module[1]
+            raise GptlabError(f"{file}: {key}: an adapter on {gpt2_name} ({module[2]}), which gptlab cannot map: its "
+                              f"LoRA adapts {', '.join(PEFT_TARGETS.values())} only")
+        else:
+            raise GptlabError(f"{file}: a PEFT folder for another architecture ({key} is no module of GPT-2's "
+                              "GPT2LMHeadModel); gptlab loads adapters of GPT-2 models")
+    if not adapters:
+        raise GptlabError(f"{file}: holds no LoRA weights (lora_A / lora_B); is it an adapter of another kind?")
+    for name, parts in adapters.items():
+        if set(parts) != {"A", "B"}:
+            missing = "lora_B" if "A" in parts else "lora_A"
+            raise GptlabError(f"{file}: {name} has no {missing}; the adapter is damaged, save it again")
+    return adapters, saved
+
+
+def _gptlab_target(name: str) -> str:
+    return "head" if name == "lm_head" else name.split(".", 2)[2]
+
+
+def _lora_layer_names(model: GPTModel) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def _peft_base(raw: dict, folder: Path) -> str:
+    """``base_model_name_or_path``; a relative path that is not there from here is tried from the adapter folder."""
+    base = raw.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base.strip():
+        raise GptlabError(f"{folder / PEFT_CONFIG}: no base_model_name_or_path; set it to the base model the "
+                          "adapter was trained on (a path, gpt2 or a hub id)")
+    if raw.get("revision"):
+        log.warning("%s: revision %r is not followed; the base is loaded as %s names it", folder / PEFT_CONFIG,
+                    raw["revision"], base)
+    if base not in GPT2_HUB_IDS and not Path(base).is_absolute() and not Path(base).exists() \
+            and (folder / base).exists():
+        return str(folder / base)
+    return base
+
+
+def _check_peft_shapes(model: GPTModel, adapters: dict[str, dict[str, torch.Tensor]], rank: int, file: Path,
+                       base: str) -> None:
+    """Every adapter on a layer the base has, with (rank, in) and (out, rank) matrices of that layer's sizes."""
+    for name, parts in sorted(adapters.items()):
+        layer_index = name.split(".")[1] if name.startswith("h.") else None
+        if layer_index is not None and int(layer_index) >= model.config.n_layer:
+            raise GptlabError(f"{file}: an adapter on {name}, but the base {base} has {model.config.n_layer} layers: "
+                              "a PEFT folder for another architecture (or another base)")
+        layer = model.get_submodule(name)
+        for part, shape in (("A", (rank, layer.in_features)), ("B", (layer.out_features, rank))):
+            if tuple(parts[part].shape) != shape:
+                raise GptlabError(f"{file}: {name}.lora_{part} has shape {tuple(parts[part].shape)}, but r={rank} on "
+                                  f"{name} of the base {base} needs {shape}: a PEFT folder for another architecture "
+                                  "(or another base)")

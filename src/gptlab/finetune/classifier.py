@@ -35,13 +35,12 @@ from gptlab.evaluate import ClassificationReport, classification_report, plot_co
 from gptlab.files import atomic_write_text
 from gptlab.model import GPTModel
 from gptlab.run import (
-    ACCURACY_PLOT, CONFUSION_PLOT, EVALUATION_FILE, METRICS_FILE, fingerprint_record, load_run, prepare_out_dir,
-    read_run_config, start_stage,
+    ACCURACY_PLOT, CONFUSION_PLOT, EVALUATION_FILE, METRICS_FILE, fingerprint_record, prepare_out_dir, read_run_config, start_stage,
 )
-from gptlab.surgery import add_classifier_head, select_trainable
+from gptlab.surgery import select_trainable
 from gptlab.tokenizer import Tokenizer
 from gptlab.train import MetricsLog, TrainConfig, TrainResult, train
-from gptlab.weights import build_model
+from gptlab.weights import build_model, load_run
 
 log = logging.getLogger("gptlab")
 
@@ -166,9 +165,8 @@ def _classifier_model(settings: ClassifierSettings, num_classes: int, out: Path,
         model, tokenizer, _ = load_run(out)
         return model, tokenizer
     torch.manual_seed(seed)  # random weights and the new head follow --seed, as in pretrain
-    model, tokenizer = build_model(settings.preset, settings.init, None, settings.model_overrides(),
-                                   command="finetune-classifier", drop_head=settings.drop_head)
-    return add_classifier_head(model, num_classes), tokenizer
+    return build_model(settings.preset, settings.init, None, settings.model_overrides(), command="finetune-classifier",
+                       drop_head=settings.drop_head, num_classes=num_classes, lora=settings.lora_config())
 
 
 def _encode(table: LabeledTexts, labels: list[str], label_ids: list[int], splits: Splits, tokenizer: Tokenizer,
@@ -205,9 +203,9 @@ def _log_summary(settings: ClassifierSettings, examples: _Examples, parts: dict,
     counts = {name: dict(sorted(Counter(labels[y] for y in ds.labels).items())) for name, ds in parts.items()}
     left_out = examples.splits.left_out
     log.info("%s: %d examples, labels %s; train %s, val %s, test %s%s; max length %d tokens; model %.2fM parameters "
-             "(%.2fM trainable: %s)", settings.data, len(examples.table.texts), labels, counts["train"], counts["val"],
+             "(%s trainable: %s)", settings.data, len(examples.table.texts), labels, counts["train"], counts["val"],
              counts["test"], f", {len(left_out)} left out by balancing" if left_out else "", examples.max_length,
-             model.num_parameters() / 1e6, n_trainable / 1e6, settings.trainable)
+             model.num_parameters() / 1e6, f"{n_trainable:,}", settings.trainable)
 
 
 def _plot_accuracy(out: Path, step: int) -> None:

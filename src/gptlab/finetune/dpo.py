@@ -42,11 +42,11 @@ from gptlab.preference_data import (
 from gptlab.prompts import PromptStyle, get_prompt_style
 from gptlab.respond import DEFAULT_STYLE, respond_one
 from gptlab.run import (
-    METRICS_FILE, REFERENCE_LOGPS_FILE, REWARD_ACCURACY_PLOT, REWARDS_PLOT, fingerprint_record, load_run, prepare_out_dir, read_run_file, source_metadata, start_stage,
+    METRICS_FILE, REFERENCE_LOGPS_FILE, REWARD_ACCURACY_PLOT, REWARDS_PLOT, fingerprint_record, prepare_out_dir, read_run_file, source_metadata, start_stage,
 )
 from gptlab.tokenizer import Tokenizer
 from gptlab.train import MetricsLog, TrainResult, train
-from gptlab.weights import load, require_language_model
+from gptlab.weights import build_model, load_run
 
 log = logging.getLogger("gptlab")
 
@@ -199,8 +199,8 @@ def _policy_model(settings: DPOSettings, out: Path, previous: dict, resume: bool
         model, tokenizer, _ = load_run(out)
         style_name = previous.get("prompt_style")
     else:
-        model, tokenizer = load(settings.init)
-        require_language_model(model, settings.init, "finetune-dpo")
+        model, tokenizer = build_model(None, settings.init, None, {}, command="finetune-dpo",
+                                       lora=settings.lora_config())
         init_style = source_metadata(settings.init).get("prompt_style")
         if settings.prompt_style is None and init_style is None:
             log.warning("--init %s was not instruction-tuned by gptlab (no prompt style in its config.json); "

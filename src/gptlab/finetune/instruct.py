@@ -26,11 +26,11 @@ from gptlab.instruction_data import (
 from gptlab.model import GPTModel
 from gptlab.prompts import PromptStyle, get_prompt_style
 from gptlab.respond import respond_one
-from gptlab.run import fingerprint_record, load_run, prepare_out_dir, start_stage
+from gptlab.run import fingerprint_record, prepare_out_dir, start_stage
 from gptlab.surgery import select_trainable
 from gptlab.tokenizer import Tokenizer
 from gptlab.train import TrainConfig, TrainResult, evaluate_loss, lm_loss, train
-from gptlab.weights import build_model
+from gptlab.weights import build_model, load_run
 
 log = logging.getLogger("gptlab")
 
@@ -72,7 +72,7 @@ def finetune_instruct(
 
     model, tokenizer = load_run(out)[:2] if resume else _instruct_model(settings, train_config.seed)
     max_length = _max_length(settings, model)
-    select_trainable(model, "all")  # full fine-tuning
+    select_trainable(model, "lora" if settings.lora else "all")  # the adapters, or full fine-tuning
     train_set = InstructionDataset(train_records, tokenizer, style, max_length, name=f"{data} (training part)")
     val_set = InstructionDataset(val_records, tokenizer, style, max_length, name=f"{data} (validation part)")
     collate = partial(collate_instructions, pad_id=tokenizer.eot_id, max_length=max_length,
@@ -103,7 +103,7 @@ def finetune_instruct(
 def _instruct_model(settings: InstructSettings, seed: int) -> tuple[GPTModel, Tokenizer]:
     torch.manual_seed(seed)  # random weights follow --seed, as in pretrain (a resume loads its own after this)
     model, tokenizer = build_model(settings.preset, settings.init, settings.tokenizer, settings.model_overrides(),
-                                   command="finetune-instruct")
+                                   command="finetune-instruct", lora=settings.lora_config())
     if tokenizer.eot_id is None:
         raise GptlabError(f"the tokenizer {tokenizer.name!r} has no end-of-text token to pad and stop with")
     return model, tokenizer
