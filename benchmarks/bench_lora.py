@@ -25,7 +25,7 @@ Every worker calls ``gptlab.device.keep_freed_memory_mapped`` first, as the ``gp
 
 - step: median seconds of one optimizer step over all rounds (after one warm-up step);
 - peak RSS: the worker's peak after its training steps (``ru_maxrss``), and that minus its RSS right after
-  its imports (the part the model and the training cost); "weights" is the RSS the built model added;
+  its imports (the part the model and the training cost); below the tables, the RSS the built model added;
 - trainable parameters; gradient bytes (4 per trainable parameter, alive from backward to the step);
 - optimizer state: the bytes of AdamW's ``exp_avg`` and ``exp_avg_sq`` after a step;
 - checkpoint: the files a real checkpoint writes (``gptlab.run.model_files`` + ``write_run_files``, with
@@ -192,7 +192,8 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 name = line.split(":", 1)[1].strip()
                 flags = open("/proc/cpuinfo").read()
-                return f"{name}, {os.cpu_count()} cores, {'AVX-512' if 'avx512f' in flags else 'AVX2, no AVX-512' if 'avx2' in flags else 'no AVX2'}"
+                simd = "AVX-512" if "avx512f" in flags else "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
+                return f"{name}, {os.cpu_count()} cores, {simd}"
     except OSError:
         pass
     return platform.processor() or platform.machine()
@@ -254,7 +255,8 @@ def main() -> None:
         r = reports[w.name]
         weights_file = r["files"].get("adapter.safetensors", r["files"].get("model.safetensors", 0))
         print(f"| {w.head} | {w.config} | {statistics.median(w.times):.2f} | {r['trainable'] / 1e6:,.2f}M "
-              f"| {mb(r['grad_bytes'])} | {mb(r['opt_bytes'])} | {mb(weights_file)} | {mb(r['files']['train_state.pt'])} "
+              f"| {mb(r['grad_bytes'])} | {mb(r['opt_bytes'])} | {mb(weights_file)} "
+              f"| {mb(r['files']['train_state.pt'])} "
               f"| {r['train_peak_mb']:,.0f} | {r['train_peak_mb'] - r['base_rss_mb']:,.0f} |")
     print()
     print("Ratios against full fine-tuning with the same head (lower is less):")

@@ -15,6 +15,7 @@ from gptlab.classify import Classifier, last_token_logits
 from gptlab.surgery import add_classifier_head, select_trainable
 from gptlab.model import GPTConfig, GPTModel
 from gptlab.run import read_run_config
+from gptlab.weights import load_run
 
 SMS = DATA / "SMSSpamCollection"
 WORDS = {
@@ -82,8 +83,10 @@ def test_select_trainable_parts():
     assert not model.h[0].attn.c_attn.weight.requires_grad and not model.wte.weight.requires_grad
     assert model.h[-1].mlp.c_fc.weight.requires_grad and model.ln_f.weight.requires_grad
     assert select_trainable(model, "all") == model.num_parameters()
-    with pytest.raises(GptlabError, match="unknown trainable part 'lora'"):
-        select_trainable(model, "lora")
+    with pytest.raises(GptlabError, match="unknown trainable part 'adapters'"):
+        select_trainable(model, "adapters")
+    with pytest.raises(GptlabError, match="only a model with LoRA adapters"):
+        select_trainable(model, "lora")  # tests/test_lora.py: with adapters
 
 
 # ---- reading and splitting ------------------------------------------------------------------------
@@ -240,7 +243,7 @@ def test_balancing_reports_the_left_out_false_positive_rate(tmp_path, capsys):
 def test_init_from_a_pretrained_model_trains_only_the_last_block(tmp_path, capsys, kind):
     from gptlab.run import save_model
     from gptlab.tokenizer import get_tokenizer
-    from gptlab.weights import export_hf, load_run
+    from gptlab.weights import export_hf
 
     torch.manual_seed(0)
     base = GPTModel(GPTConfig.preset("tiny"))  # GPT-2's vocabulary, as from `gptlab pretrain --preset tiny`
@@ -323,7 +326,7 @@ def test_trainable_parts_are_the_command_lines_choices():
     from gptlab.config import TRAINABLE_CHOICES
     from gptlab.surgery import TRAINABLE_PARTS
 
-    assert tuple(TRAINABLE_PARTS) == TRAINABLE_CHOICES
+    assert tuple(TRAINABLE_PARTS) == (*TRAINABLE_CHOICES, "lora")  # lora: what --lora selects
 
 
 def test_reads_a_pretty_printed_json_list_with_real_line_numbers(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from gptlab.cli import main
-from gptlab.config import DEFAULT_LORA_TARGETS, GPTConfig, LoRAConfig
+from gptlab.config import DEFAULT_LORA_TARGETS, LORA_LR, GPTConfig, LoRAConfig
 from gptlab.errors import GptlabError
 from gptlab.lora import LoRALinear
 from gptlab.model import GPTModel
@@ -304,6 +304,7 @@ def test_classifier_instruct_and_dpo_stages_take_lora_and_the_using_commands_rea
     assert code == 0, err
     stored = load_file(clf / ADAPTER_FILE)
     assert {"lm_head.weight", "lm_head.bias"} <= stored.keys() and len(stored) == 2 + 2 * 2 * 2
+    assert read_run_config(clf)["train"]["lr"] == LORA_LR["classifier"]  # the adapters' default rate
     code, text, _ = run_cli(capsys, "classify", "--model", clf, "WIN a free prize now")
     assert code == 0 and text.split()[0] in ("ham", "spam")
 
@@ -314,7 +315,7 @@ def test_classifier_instruct_and_dpo_stages_take_lora_and_the_using_commands_rea
     code, _, err = run_cli(capsys, "finetune-instruct", "--data", tmp_path / "records.json", "--init", base, "--lora",
                            "--lora-rank", 2, "--max-steps", 2, "--out", sft, "--quiet")
     assert code == 0, err
-    assert read_run_config(sft)["lora"]["rank"] == 2
+    assert read_run_config(sft)["lora"]["rank"] == 2 and read_run_config(sft)["train"]["lr"] == LORA_LR["instruct"]
     (tmp_path / "in.json").write_text(json.dumps(records[:2]))
     code, _, err = run_cli(capsys, "respond", "--model", sft, "--input", tmp_path / "in.json", "--output",
                            tmp_path / "answers.json", "--max-new-tokens", 3, "--quiet")
@@ -329,3 +330,21 @@ def test_classifier_instruct_and_dpo_stages_take_lora_and_the_using_commands_rea
     assert config["base"]["source"] == str(sft.resolve()) and (dpo / ADAPTER_FILE).is_file()
     code, text, err = run_cli(capsys, "generate", "--model", dpo, "--prompt", "Hello", "--max-new-tokens", 3)
     assert code == 0, err
+
+
+def test_a_lora_run_is_served_as_it_generates(base, tmp_path):
+    import openai
+
+    from gptlab.generate import generate_text
+    from gptlab.serve import BackgroundServer, ServedModel, create_app
+
+    out = tmp_path / "lora"
+    pretrain(VERDICT, out, {"max_steps": 2, "eval_interval": 2, "lr": 1e-2}, init=base, lora=True, progress=False)
+    served = ServedModel.load(out)
+    assert served.model.lora is not None  # served with its adapters, on the base named in the run
+    model, tokenizer, _ = load_run(out)
+    expected = generate_text(model, tokenizer, "Every effort", max_new_tokens=6)
+    with BackgroundServer(create_app(served, api_key="k")) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0, timeout=30)
+        reply = client.completions.create(model="lora", prompt="Every effort", max_tokens=6, temperature=0)
+    assert reply.choices[0].text == expected

@@ -23,7 +23,7 @@ import typing
 from dataclasses import fields, replace
 
 from gptlab.config import (
-    API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, DPO_TRAINING, INSTRUCT_TRAINING, JUDGE_BASE_URL, JUDGE_MAX_TOKENS, JUDGE_MODEL, PRETRAIN_TRAINING, ClassifierSettings, InstructSettings,
+    API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, DPO_TRAINING, INSTRUCT_TRAINING, LORA_LR, JUDGE_BASE_URL, JUDGE_MAX_TOKENS, JUDGE_MODEL, PRETRAIN_TRAINING, ClassifierSettings, InstructSettings,
     PretrainSettings, SamplingConfig, ServeLimits, TrainConfig, classifier_training,
 )
 from gptlab.config import DPOSettings
@@ -289,13 +289,13 @@ def run_train_tokenizer(args) -> None:
 
 def add_finetune_instruct(sub) -> None:
     p = sub.add_parser("finetune-instruct", help="fine-tune a model to follow instructions (Alpaca-style records)",
-                       description="Full fine-tuning on instruction/input/output records, laid out in a prompt "
+                       description="Full fine-tuning (or LoRA adapters, --lora) on instruction/input/output records, laid out in a prompt "
                                    "style. Writes a run directory (with the held-out test.json and val.json) that "
                                    "chat and respond read; the prompt style is stored in its config.json. "
                                    "Give --init or --preset.")
     add_options(p, InstructSettings)
     p.add_argument("--out", required=True, help="run directory to write")
-    add_train_arguments(p, INSTRUCT_TRAINING)
+    add_train_arguments(p, INSTRUCT_TRAINING, shown={"lr": f"{INSTRUCT_TRAINING.lr}, {LORA_LR['instruct']} with --lora"})
     p.set_defaults(run=run_finetune_instruct)
 
 
@@ -499,7 +499,7 @@ def add_finetune_dpo(sub) -> None:
                                    "reward_accuracy.png.")
     add_options(p, DPOSettings)
     p.add_argument("--out", required=True, help="run directory to write")
-    add_train_arguments(p, DPO_TRAINING)
+    add_train_arguments(p, DPO_TRAINING, shown={"lr": f"{DPO_TRAINING.lr}, {LORA_LR['dpo']} with --lora"})
     p.set_defaults(run=run_finetune_dpo)
 
 
@@ -524,6 +524,7 @@ def add_finetune_classifier(sub) -> None:
     scratch, pretrained = classifier_training(None), classifier_training("gpt2")
     shown = {name: f"{getattr(scratch, name)} from scratch, {getattr(pretrained, name)} with --init"
              for name in ("epochs", "lr", "batch_size")}
+    shown["lr"] += f", {LORA_LR['classifier']} with --lora"
     shown["eval_interval"] = "once per epoch"
     p = sub.add_parser("finetune-classifier", help="fine-tune a GPT to label texts (spam or ham, ...)",
                        description="Replace the output head with a NUM_CLASSES-wide one and train on a file of "

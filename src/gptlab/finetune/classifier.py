@@ -99,7 +99,7 @@ def finetune_classifier(
         raise GptlabError("finetune-classifier: give the labelled texts to train on (--data FILE)")
     given = {**options, **({"data": str(data)} if data is not None else {})}
     start = start_stage("finetune-classifier", STAGE, ClassifierSettings, out, given, train_config,
-                        lambda settings: classifier_training(settings.init), resume,
+                        lambda settings: classifier_training(settings.init, settings.lora), resume,
                         normalize=lambda settings: replace(settings, trainable=settings.resolved_trainable))
     settings, train_config = start.settings, start.train_config
     split_seed = start.previous.get(STAGE, {}).get("split_seed", train_config.seed)

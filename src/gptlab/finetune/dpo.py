@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from gptlab.config import DPO_TRAINING, DPOSettings, TrainConfig
+from gptlab.config import DPOSettings, TrainConfig, dpo_training
 from gptlab.device import autocast, resolve_precision, select_device, to_device
 from gptlab.errors import GptlabError
 from gptlab.instruction_data import IGNORE_INDEX, TEST_FILE, VAL_FILE, split_records
@@ -70,7 +70,7 @@ def finetune_dpo(
 
     ``data``: JSON/JSONL records of ``instruction``, ``input``, ``chosen``, ``rejected`` (None: the book's
     1,100, shipped with gptlab). ``options`` are the fields of ``gptlab.config.DPOSettings`` (``init``,
-    ``prompt_style``, ``beta``, ``logp_reduction``, ...); ``train_config`` defaults to ``DPO_TRAINING``, the
+    ``prompt_style``, ``beta``, ``logp_reduction``, ...); ``train_config`` defaults to ``DPO_TRAINING`` (``dpo_training(lora)``), the
     book's recipe and what ``gptlab finetune-dpo`` uses (a dict changes some of its fields). On ``resume``
     the settings stored in the run are used; a given option that differs from them is an error
     (``gptlab.run.start_stage``). Writes the run directory ``out`` (weights, metrics.csv with the DPO loss, rewards, margin and
@@ -78,7 +78,7 @@ def finetune_dpo(
     the held-out ``test.json`` and ``val.json``. ``TrainResult.val_loss`` is the last validation DPO loss.
     """
     given = {**options, **({"data": str(data)} if data is not None else {})}
-    start = start_stage("finetune-dpo", STAGE, DPOSettings, out, given, train_config, lambda settings: DPO_TRAINING,
+    start = start_stage("finetune-dpo", STAGE, DPOSettings, out, given, train_config, lambda settings: dpo_training(settings.lora),
                         resume, data_path=lambda settings: settings.data or default_preference_path())
     settings, train_config, previous = start.settings, start.train_config, start.previous
     data = Path(settings.data) if settings.data is not None else default_preference_path()

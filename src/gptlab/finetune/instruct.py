@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from gptlab.config import INSTRUCT_TRAINING, InstructSettings
+from gptlab.config import InstructSettings, instruct_training
 from gptlab.device import select_device
 from gptlab.errors import GptlabError
 from gptlab.instruction_data import (
@@ -52,15 +52,15 @@ def finetune_instruct(
 
     ``data``: JSON/JSONL records (None: the book's 1,100, shipped with gptlab). ``options`` are the fields
     of ``gptlab.config.InstructSettings`` with its defaults (``init`` or ``preset``, ``tokenizer`` for a
-    preset, ``prompt_style``, ``mask_prompt``, ``max_length``, the split); ``train_config`` defaults to
-    ``INSTRUCT_TRAINING``, what ``gptlab finetune-instruct`` uses (a dict changes some of its fields). On
-    ``resume`` the settings stored in the run are used; a given option that differs from them is an error
+    preset, ``prompt_style``, ``mask_prompt``, ``max_length``, the split; ``lora`` ...); ``train_config``
+    defaults to ``instruct_training(lora)``, what ``gptlab finetune-instruct`` uses (a dict changes some of its
+    fields). On ``resume`` the settings stored in the run are used; a given option that differs from them is an error
     (``gptlab.run.start_stage``). Writes the run directory ``out`` (weights, metrics, loss plot, resumable
     state) plus the held-out ``test.json`` and ``val.json``, with its first checkpoint.
     """
     given = {**options, **({"data": str(data)} if data is not None else {})}
     start = start_stage("finetune-instruct", STAGE, InstructSettings, out, given, train_config,
-                        lambda settings: INSTRUCT_TRAINING, resume,
+                        lambda settings: instruct_training(settings.lora), resume,
                         data_path=lambda settings: settings.data or default_data_path())
     settings, train_config, previous = start.settings, start.train_config, start.previous
     style = get_prompt_style(settings.prompt_style)
