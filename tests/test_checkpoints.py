@@ -83,7 +83,7 @@ def test_kill_9_at_random_moments_never_breaks_the_run(tmp_path, monkeypatch):
         pid = os.fork()
         if pid == 0:  # the child: train until killed (renames slowed a little, so kills land between them too)
             replace = os.replace
-            os.replace = lambda a, b: (time.sleep(0.02), replace(a, b))[1]
+            os.replace = lambda a, b: (time.sleep(0.1), replace(a, b))[1]
             try:
                 tiny_run(out, resume=holds_run(out))
             finally:

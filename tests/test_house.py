@@ -10,7 +10,7 @@ import pytest
 from gptlab import cli
 from gptlab.config import (
     INSTRUCT_TRAINING, PRETRAIN_TRAINING, ClassifierSettings, InstructSettings, PretrainSettings, SamplingConfig,
-    ServeLimits, TrainConfig, classifier_training,
+    ServeLimits, TrainConfig, classifier_training, instruct_training,
 )
 from gptlab.errors import GptlabError
 
@@ -56,10 +56,10 @@ def test_help_shows_the_library_defaults(capsys):
     assert f"steps between evaluations and checkpoints (none: once per epoch) (default: {PRETRAIN_TRAINING.eval_interval})" in text
     assert f"model size (default: {PretrainSettings.preset})" in text
     text = _help("finetune-instruct", capsys)
-    assert f"peak learning rate (default: {INSTRUCT_TRAINING.lr})" in text
+    assert f"peak learning rate (default: {INSTRUCT_TRAINING.lr}, {instruct_training(True).lr} with --lora)" in text
     text = _help("finetune-classifier", capsys)
-    scratch, pretrained = classifier_training(None), classifier_training("gpt2")
-    assert f"(default: {scratch.lr} from scratch, {pretrained.lr} with --init)" in text
+    scratch, pretrained, lora = classifier_training(None), classifier_training("gpt2"), classifier_training("gpt2", True)
+    assert f"(default: {scratch.lr} from scratch, {pretrained.lr} with --init, {lora.lr} with --lora)" in text
     text = _help("serve", capsys)
     for f in fields(ServeLimits):
         assert f"(default: {getattr(ServeLimits(), f.name)})" in text
