@@ -351,37 +351,69 @@ def decode_stream(token_ids: Iterable[int], tokenizer: Tokenizer, stop: Sequence
     """Yield the text of ``token_ids`` in pieces as soon as they are final: the pieces join to
     ``tokenizer.decode(ids)``, cut before the first stop string or ``eos_id`` (which ends the text, unshown).
 
-    Each token is decoded once (``_ContinuationText``), and only the text not yet yielded, plus the last
+    ``TextDecoder`` does the work, one token at a time; this pulls the tokens for it.
+    """
+    decoder = TextDecoder(tokenizer, stop, eos_id, stats)
+    for token_id in token_ids:
+        piece = decoder.push(token_id)
+        if piece:
+            yield piece
+        if decoder.done:
+            return
+    tail = decoder.flush()
+    if tail:
+        yield tail
+
+
+class TextDecoder:
+    """``decode_stream`` pushed one token at a time (the batched decoder feeds many at once): ``push`` returns
+    the text that became final ("" when none), ``done`` turns true at end-of-text or a stop string, and
+    ``flush`` returns what is still held back once the tokens run out.
+
+    Each token is decoded once (``_ContinuationText``), and only the text not yet returned, plus the last
     ``max(len(stop))`` characters a stop string could start in, is searched: linear in the length.
     """
-    stop = [s for s in stop if s]
-    stats = stats if stats is not None else TextStats()
-    stats.completion_tokens, stats.finish_reason = 0, "length"
-    holdback = max((len(s) for s in stop), default=1) - 1  # characters that may be a stop string's start
-    reach = max((len(s) for s in stop), default=0)  # how far back the stop search starts (as it always has)
-    text = _ContinuationText(tokenizer)
-    emitted = 0  # characters yielded so far
-    for token_id in token_ids:
-        stats.completion_tokens += 1
-        if eos_id is not None and token_id == eos_id:
-            stats.finish_reason = "stop"
-            break
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), eos_id: int | None = None,
+                 stats: TextStats | None = None) -> None:
+        self.stop = [s for s in stop if s]
+        self.eos_id = eos_id
+        self.stats = stats if stats is not None else TextStats()
+        self.stats.completion_tokens, self.stats.finish_reason = 0, "length"
+        self.holdback = max((len(s) for s in self.stop), default=1) - 1  # characters that may start a stop string
+        self.reach = max((len(s) for s in self.stop), default=0)  # how far back the stop search starts
+        self.text = _ContinuationText(tokenizer)
+        self.emitted = 0  # characters returned so far
+        self.done = False
+
+    def push(self, token_id: int) -> str:
+        """Take the next token; the text now final (at end-of-text: all that was held back)."""
+        text, emitted = self.text, self.emitted
+        self.stats.completion_tokens += 1
+        if self.eos_id is not None and token_id == self.eos_id:
+            self.stats.finish_reason, self.done = "stop", True
+            return self.flush()
         text.add(token_id)
-        cut = min((i for i in (text.find(s, max(0, emitted - len(s))) for s in stop) if i >= 0), default=-1)
+        cut = min((i for i in (text.find(s, max(0, emitted - len(s))) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
-            stats.finish_reason = "stop"
-            if cut > emitted:
-                yield text.slice(emitted, cut)
-            return
-        safe = len(text) - holdback
+            self.stats.finish_reason, self.done = "stop", True
+            self.emitted = len(text)  # nothing after the stop string is ever shown
+            return text.slice(emitted, cut) if cut > emitted else ""
+        safe = len(text) - self.holdback
         if text.endswith_replacement():  # an incomplete UTF-8 sequence: wait for the next token
             safe = min(safe, len(text) - 1)
-        if safe > emitted:
-            yield text.slice(emitted, safe)
-            emitted = safe
-            text.forget_before(emitted - reach)
-    if len(text) > emitted:
-        yield text.slice(emitted, len(text))
+        if safe <= emitted:
+            return ""
+        self.emitted = safe
+        piece = text.slice(emitted, safe)
+        text.forget_before(safe - self.reach)
+        return piece
+
+    def flush(self) -> str:
+        """The text held back so far (a possible stop string's start, a pending character)."""
+        piece = self.text.slice(self.emitted, len(self.text)) if len(self.text) > self.emitted else ""
+        self.emitted = len(self.text)
+        return piece
 
 
 class _ContinuationText:

@@ -9,6 +9,7 @@ is the head's cross-entropy, computed without the whole logits where it can be.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -43,6 +44,102 @@ class KVCache:
         v_all.narrow(2, start, T).copy_(v)
         return k_all.narrow(2, 0, start + T), v_all.narrow(2, 0, start + T)
 
+    @classmethod
+    def over(cls, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> "KVCache":
+        """A cache writing into existing per-layer stores (B, nh, max_len, hs): a row of a ``RaggedKVCache``."""
+        cache = object.__new__(cls)
+        cache.k, cache.v, cache.pos, cache.max_len = tuple(k), tuple(v), 0, k[0].size(2)
+        return cache
+
+    # the model's side: where the new tokens sit, and what they may attend to
+    def positions(self, T: int, device) -> tuple[torch.Tensor, int]:
+        """The new tokens' positions (T,) and the sequence length they make."""
+        return torch.arange(self.pos, self.pos + T, device=device), self.pos + T
+
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new keys and values; return all keys, values, the attention mask and SDPA's is_causal."""
+        past, T = self.pos, k.size(2)
+        k, v = self.update(layer, k, v)  # (B, nh, past + T, hs)
+        if past > 0 and T > 1:
+            # SDPA's is_causal aligns the mask top-left; new queries sit at the bottom right.
+            return k, v, torch.ones(T, past + T, dtype=torch.bool, device=k.device).tril(diagonal=past), False
+        return k, v, None, T > 1  # past > 0: one new query may look at every cached position
+
+    def advance(self, T: int) -> None:
+        self.pos += T
+
+
+class RaggedKVCache:
+    """Keys and values of sequences of different lengths, one row each: continuous batching's cache.
+
+    Row r holds its own sequence left-aligned, ``lengths[r]`` positions filled. A decoding step feeds one
+    token per row: each row's token takes position ``lengths[r]`` (its own position embedding too), and
+    attends over the stored span through a mask of each row's valid positions. Left alignment keeps a row's
+    keys where a batch-1 cache keeps them, so nothing is recomputed or shifted when rows of other lengths
+    join or leave; padding past a row's length is masked, never computed. The rows in use are always
+    0..n-1 (``remove`` moves the last row into the gap), and a step of n token ids uses exactly those.
+    Prefill goes through ``row(r)``: a plain ``KVCache`` over that row, the same path as batch 1.
+    """
+
+    def __init__(self, config: GPTConfig, rows: int, max_len: int, device, dtype) -> None:
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, rows, config.n_head, max_len, hs)
+        # zeros, not empty: a masked position still enters the product (0 x NaN is NaN), so it must be finite
+        k, v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        self.k = tuple(k[layer] for layer in range(config.n_layer))  # n_layer x (rows, nh, max_len, hs)
+        self.v = tuple(v[layer] for layer in range(config.n_layer))
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)  # positions filled, per row
+        self.rows, self.max_len = rows, max_len
+        self._step: tuple[torch.Tensor, int, torch.Tensor] | None = None  # this step's positions, span, mask
+
+    def row(self, r: int) -> KVCache:
+        """A batch-1 cache over row ``r`` (empty: a new sequence is prefilled through it); ``lengths`` follows."""
+        return KVCache.over([k[r : r + 1] for k in self.k], [v[r : r + 1] for v in self.v])
+
+    def copy_row(self, dst: int, src: int, other: "RaggedKVCache | None" = None) -> None:
+        """Row ``src`` of ``other`` (default: this cache) into row ``dst``, its filled positions only."""
+        other = other or self
+        n = int(other.lengths[src])
+        for mine, theirs in zip((*self.k, *self.v), (*other.k, *other.v)):
+            mine[dst, :, :n].copy_(theirs[src, :, :n])
+        self.lengths[dst] = n
+
+    def remove(self, r: int, used: int) -> None:
+        """Free row ``r`` of the ``used`` rows in use: the last one moves into it."""
+        if r != used - 1:
+            self.copy_row(r, used - 1)
+        self.lengths[used - 1] = 0
+
+    # the model's side, for one token per row
+    def positions(self, T: int, device) -> tuple[torch.Tensor, int]:
+        if T != 1:
+            raise GptlabError("a ragged cache decodes one token per row; prefill a row through row(r)")
+        if self._step is None:
+            raise GptlabError("RaggedKVCache.begin(rows) comes before each decoding step")
+        return self._step[0].unsqueeze(1), self._step[1]  # (n, 1): each row's own position; the longest row
+
+    def begin(self, n: int) -> None:
+        """Set up a step over rows 0..n-1: their positions, the span to attend over, the valid-position mask."""
+        lengths = self.lengths[:n]  # (n,)
+        span = int(lengths.max()) + 1
+        if span > self.max_len:
+            raise GptlabError(f"a row would need {span} positions; the ragged cache holds {self.max_len}")
+        valid = torch.arange(span, device=lengths.device) <= lengths.unsqueeze(1)  # (n, span)
+        self._step = (lengths, span, valid[:, None, None, :])  # mask (n, 1, 1, span): one query per row
+
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        lengths, span, mask = self._step
+        n, rows = k.size(0), torch.arange(k.size(0), device=k.device)
+        k_all, v_all = self.k[layer][:n], self.v[layer][:n]  # (n, nh, max_len, hs)
+        k_all[rows, :, lengths] = k[:, :, 0]  # each row's new key at its own position: (n, nh, hs)
+        v_all[rows, :, lengths] = v[:, :, 0]
+        return k_all[:, :, :span], v_all[:, :, :span], mask, False
+
+    def advance(self, T: int) -> None:
+        lengths = self._step[0]
+        lengths += T  # a view of self.lengths: the rows just decoded grow by one
+        self._step = None
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int) -> None:
@@ -53,20 +150,13 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | RaggedKVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
         mask, is_causal = None, T > 1
         if cache is not None:
-            past = cache.pos
-            k, v = cache.update(self.layer, k, v)  # (B, nh, past + T, hs)
-            if past > 0 and T > 1:
-                # SDPA's is_causal aligns the mask top-left; new queries sit at the bottom right.
-                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-                is_causal = False
-            elif past > 0:
-                is_causal = False  # one new query may look at every cached position
+            k, v, mask, is_causal = cache.attend(self.layer, k, v)  # k, v: (B, nh, cached + T, hs)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hs)
@@ -96,7 +186,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | RaggedKVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
@@ -138,23 +228,22 @@ class GPTModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | RaggedKVCache | None = None) -> torch.Tensor:
         """Token ids (B, T) to final normalised hidden states (B, T, C)."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.context_length:
-            raise GptlabError(
-                f"sequence of {start + T} tokens exceeds the model's context length {self.config.context_length}"
-            )
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        # pos: (T,), or (B, 1) for a ragged cache (each row at its own position); end: the longest sequence
+        pos, end = cache.positions(T, idx.device) if cache is not None else (torch.arange(T, device=idx.device), T)
+        if end > self.config.context_length:
+            raise GptlabError(f"sequence of {end} tokens exceeds the model's context length {self.config.context_length}")
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for block in self.h:
             x = block(x, cache)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         return self.ln_f(x)  # (B, T, C)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: KVCache | RaggedKVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Token ids (B, T) to logits (B, T, V), or with ``targets`` (B, T) to the mean next-token loss.
 
