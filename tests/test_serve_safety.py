@@ -104,19 +104,20 @@ def seconds_until_closed(sock: socket.socket, limit: float = 10.0) -> float:
 # ---- a client that hangs up ----------------------------------------------------------------------
 
 def slow_down(worker, monkeypatch) -> list:
-    """Every job ``worker`` takes from now on, its steps slowed to STEP_S, so steps after a hang-up can be counted."""
-    jobs, submit = [], worker.submit
+    """Every generation ``worker`` takes from now on: its batch steps slowed to STEP_S, so steps after a
+    hang-up can be counted (``Job.steps``: the batch steps a job took part in)."""
+    jobs, submit, step = [], worker.submit_generation, worker.batch.step
 
-    def slowed_submit(make_events):
-        def slowed():
-            for event in make_events():
-                time.sleep(STEP_S)
-                yield event
+    def slowed_step():
+        time.sleep(STEP_S)
+        step()
 
-        jobs.append(submit(slowed))
+    def recorded_submit(request):
+        jobs.append(submit(request))
         return jobs[-1]
 
-    monkeypatch.setattr(worker, "submit", slowed_submit)
+    monkeypatch.setattr(worker, "submit_generation", recorded_submit)
+    monkeypatch.setattr(worker.batch, "step", slowed_step)
     return jobs
 
 

@@ -21,12 +21,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gptlab.config import ServeLimits
 from gptlab.errors import GptlabError
 from gptlab.generate import TextStats
+from gptlab.batching import MAX_TOP_LOGPROBS
 from gptlab.serve.engine import Engine, Job, ServedModel
 from gptlab.serve.guards import BodyLimits, HostAllowlist, RequireAPIKey, api_key_error, error_response
 from gptlab.serve.schemas import (APIError, ChatRequest, ClassifyRequest, CompletionRequest, Sampling, SamplingFields,
                                   chat_messages, check_choices, non_empty, request_sampling, unsupported)
 
 CHAT_PAGE = "chat.html"
+COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions' logprobs
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -98,20 +100,24 @@ class Routes:
 
     async def completions(self, body: CompletionRequest, request: Request):
         self.check_generator(body.model)
-        for param in ("logprobs", "suffix"):
-            unsupported(param, getattr(body, param))
+        unsupported("suffix", body.suffix)
         if body.best_of not in (None, 1):
             unsupported("best_of", body.best_of)
+        logprobs = check_logprobs(body.logprobs, "logprobs", COMPLETION_LOGPROBS)
+        if logprobs is not None and body.echo:
+            unsupported("echo with logprobs (the prompt's log-probabilities)", True)
         sampling = request_sampling(body, self.limits, body.max_tokens)
         prompts = non_empty([body.prompt] if isinstance(body.prompt, str) else body.prompt, "prompt")
         check_choices(len(prompts), sampling.n, self.limits)
-        job = self.engine.generate(prompts, sampling, echo=body.echo)
-        return await self.answer(job, request, body, sampling, len(prompts), chat=False)
+        job = self.engine.generate(prompts, sampling, echo=body.echo, logprobs=logprobs)
+        return await self.answer(job, request, body, sampling, len(prompts), chat=False, logprobs=logprobs is not None)
 
     async def chat_completions(self, body: ChatRequest, request: Request):
         self.check_generator(body.model)
-        unsupported("logprobs", body.logprobs)
         unsupported("tools", body.tools)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        logprobs = check_logprobs(body.top_logprobs or 0, "top_logprobs", MAX_TOP_LOGPROBS) if body.logprobs else None
         style = self.served.prompt_style
         messages = chat_messages(body)
         try:
@@ -121,8 +127,8 @@ class Routes:
         sampling = request_sampling(body, self.limits, body.max_completion_tokens or body.max_tokens)
         sampling = sampling.with_stop(style.stop)
         check_choices(1, sampling.n, self.limits)
-        job = self.engine.generate([prompt], sampling)
-        return await self.answer(job, request, body, sampling, 1, chat=True)
+        job = self.engine.generate([prompt], sampling, logprobs=logprobs)
+        return await self.answer(job, request, body, sampling, 1, chat=True, logprobs=logprobs is not None)
 
     async def classify(self, body: ClassifyRequest, request: Request):
         self.check_model(body.model)
@@ -158,16 +164,16 @@ class Routes:
                 **self.served.describe(self.limits)}
 
     async def answer(self, job: Job, request: Request, body: SamplingFields, sampling: Sampling, n_prompts: int,
-                     chat: bool):
+                     chat: bool, logprobs: bool = False):
         """The job's choices as one JSON body, or as server-sent events when the request streams."""
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         header = {"id": ident, "object": "chat.completion" if chat else "text_completion",
                   "created": int(time.time()), "model": self.served.name}
         if body.stream:  # Starlette's StreamingResponse ends the stream, and so the job, when the client leaves
-            return StreamingResponse(sse_stream(job, header, chat, body.include_usage, sampling.n),
+            return StreamingResponse(sse_stream(job, header, chat, body.include_usage, sampling.n, logprobs),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         async with cancelled_on_disconnect(job, request):
-            return await whole_answer(job, header, chat, n_prompts * sampling.n, sampling.n)
+            return await whole_answer(job, header, chat, n_prompts * sampling.n, sampling.n, logprobs)
 
 
 @asynccontextmanager
@@ -191,25 +197,50 @@ async def cancelled_on_disconnect(job: Job, request: Request):
 
 # ---- OpenAI's response shapes ---------------------------------------------------------------------
 
-async def whole_answer(job: Job, header: dict, chat: bool, n_choices: int, n: int) -> dict | JSONResponse:
+async def whole_answer(job: Job, header: dict, chat: bool, n_choices: int, n: int,
+                       logprobs: bool = False) -> dict | JSONResponse:
     texts = [""] * n_choices
     finish: list[TextStats | None] = [None] * n_choices
+    entries: list[list[dict]] = [[] for _ in range(n_choices)]
     async for kind, index, value in job.events():
         if kind == "text":
             texts[index] += value
+        elif kind == "logprobs":
+            entries[index] += value
         else:
             finish[index] = value
     if any(f is None for f in finish):  # the client left: nobody reads this
         return JSONResponse({}, status_code=499)
-    choices = [whole_choice(i, t, f.finish_reason, chat) for i, (t, f) in enumerate(zip(texts, finish))]
+    choices = [whole_choice(i, t, f.finish_reason, chat, logprobs_body(entries[i], chat) if logprobs else None)
+               for i, (t, f) in enumerate(zip(texts, finish))]
     return {**header, "choices": choices, "usage": usage(finish, n)}
 
 
-def whole_choice(index: int, text: str, finish_reason: str, chat: bool) -> dict:
+def whole_choice(index: int, text: str, finish_reason: str, chat: bool, logprobs: dict | None = None) -> dict:
     if chat:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": finish_reason}
-    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def check_logprobs(value: int | None, param: str, limit: int) -> int | None:
+    if value is not None and not 0 <= value <= limit:
+        raise APIError(400, f"{param} must be between 0 and {limit}, got {value}", param=param)
+    return value
+
+
+def logprobs_body(entries: list[dict], chat: bool, offset: int = 0) -> dict:
+    """Tokens' log-probabilities in OpenAI's shape: chat's ``{"content": [entry]}``, or the legacy
+    completions' parallel lists (``text_offset``: where each token starts, counted from ``offset``)."""
+    if chat:
+        return {"content": entries, "refusal": None}
+    starts = []
+    for e in entries:
+        starts.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": starts}
 
 
 def usage(finished: Sequence[TextStats], n: int) -> dict:
@@ -223,11 +254,23 @@ def sse(data: dict) -> str:
     return "data: " + json.dumps(data) + "\n\n"
 
 
-async def sse_stream(job: Job, header: dict, chat: bool, include_usage: bool, n: int) -> AsyncIterator[str]:
-    """OpenAI's streaming format: ``data: {chunk}`` events, a usage chunk if asked, then ``data: [DONE]``."""
+async def sse_stream(job: Job, header: dict, chat: bool, include_usage: bool, n: int,
+                     logprobs: bool = False) -> AsyncIterator[str]:
+    """OpenAI's streaming format: ``data: {chunk}`` events, a usage chunk if asked, then ``data: [DONE]``.
+
+    With ``logprobs``, each chunk carries the entries of the tokens since the previous chunk of its choice."""
     chunk_object = "chat.completion.chunk" if chat else "text_completion"
     finished: dict[int, TextStats] = {}
     started: set[int] = set()
+    pending: dict[int, list[dict]] = {}  # log-probabilities not yet sent, per choice
+    offsets: dict[int, int] = {}  # characters sent per choice (completions' text_offset)
+
+    def entries(index: int, text: str = "") -> dict | None:
+        if not logprobs:
+            return None
+        body = logprobs_body(pending.pop(index, []), chat, offsets.get(index, 0))
+        offsets[index] = offsets.get(index, 0) + len(text)
+        return body
 
     def chunk(choice: dict) -> str:
         return sse({**header, "object": chunk_object, "choices": [choice]})
@@ -238,13 +281,15 @@ async def sse_stream(job: Job, header: dict, chat: bool, include_usage: bool, n:
                 started.add(index)
                 yield chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None})
-            if kind == "text":
+            if kind == "logprobs":  # sent with the text they belong to
+                pending.setdefault(index, []).extend(value)
+            elif kind == "text":
                 body = {"delta": {"content": value}} if chat else {"text": value}
-                yield chunk({"index": index, **body, "logprobs": None, "finish_reason": None})
+                yield chunk({"index": index, **body, "logprobs": entries(index, value), "finish_reason": None})
             else:
                 finished[index] = value
                 body = {"delta": {}} if chat else {"text": ""}
-                yield chunk({"index": index, **body, "logprobs": None, "finish_reason": value.finish_reason})
+                yield chunk({"index": index, **body, "logprobs": entries(index), "finish_reason": value.finish_reason})
     except APIError as e:  # headers are sent: report in-stream, as OpenAI does, and end without [DONE]
         yield sse(e.body())
         return
@@ -257,27 +302,29 @@ async def sse_stream(job: Job, header: dict, chat: bool, include_usage: bool, n:
 # ---- errors, in OpenAI's shape ------------------------------------------------------------------
 
 async def api_error(request: Request, exc: APIError) -> JSONResponse:
-    return error_response(exc)
+    return error_response(exc, path=request.url.path)
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """pydantic's first complaint, as a 422 naming the field (a body that is not JSON at all: 400)."""
     first = exc.errors()[0] if exc.errors() else {}
     if first.get("type") == "json_invalid":
-        return error_response(APIError(400, f"the request body is not valid JSON: {first.get('msg', '')}"))
+        return error_response(APIError(400, f"the request body is not valid JSON: {first.get('msg', '')}"),
+                              path=request.url.path)
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     message = f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}"
-    return error_response(APIError(422, message, param=param, code="invalid_value"))
+    return error_response(APIError(422, message, param=param, code="invalid_value"), path=request.url.path)
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
-    return error_response(APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
+    return error_response(APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None),
+                          path=request.url.path)
 
 
 async def gptlab_error(request: Request, exc: GptlabError) -> JSONResponse:
-    return error_response(APIError(400, str(exc)))
+    return error_response(APIError(400, str(exc)), path=request.url.path)
 
 
 def add_error_handlers(app: FastAPI) -> None:

@@ -2,16 +2,19 @@
 
 The event loop never touches the model. ``Engine`` is what the HTTP app asks for, in request terms
 (``generate``: prompts and checked sampling settings; ``classify``: texts), and it answers with a ``Job``
-whose events the app reads. Inside, one ``GenerationWorker`` thread owns the model and interleaves up to
-``max_active`` jobs one event (a token's text, at batch 1) at a time, round robin, so a long answer neither
-blocks ``/health`` nor makes a short request wait for it to finish; more jobs wait in a bounded queue (503
-when full). A client that goes away cancels its job (``Job.cancel``, from the event loop the moment the
-connection closes), and the worker drops it before its next step: at most the step under way is wasted.
+whose events the app reads. Inside, one ``GenerationWorker`` thread owns the model. Generations are decoded
+by continuous batching (``gptlab.batching.ContinuousBatch``): every choice of every running request is a row
+of one batch, a new request is prefilled and joins at the next step, a finished one leaves at once, and
+each step decodes one token for all rows together. Up to ``max_active`` rows run at once (a request's
+choices are admitted together); more requests wait in a bounded queue (503 when full). Other work (a
+classification) is stepped between batch steps, one batch of texts at a time. A client that goes away
+cancels its job (``Job.cancel``, from the event loop the moment the connection closes), and the worker
+removes its rows before the next step: at most the step under way is wasted.
 
-A job's events are tuples: ``("text", choice, piece)``, ``("finish", choice, TextStats)``,
-``("result", body)`` (a classification), ``("error", APIError)`` and ``("tick",)`` (a step of work with
-nothing to send yet: a batch of a long classification, so that it too stops between steps). A batching
-engine keeps ``Engine``'s methods and these events, and replaces what the worker does between them.
+A job's events are tuples: ``("text", choice, piece)``, ``("logprobs", choice, [entry])`` (before the text
+of those tokens, when asked for), ``("finish", choice, TextStats)``, ``("result", body)`` (a
+classification), ``("error", APIError)`` and ``("tick",)`` (a step of work with nothing to send yet: a batch
+of a long classification, so that it too stops between steps).
 """
 from __future__ import annotations
 
@@ -20,14 +23,15 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from gptlab.batching import BatchedStream, ContinuousBatch
 from gptlab.classify import Classifier
 from gptlab.config import ServeLimits
 from gptlab.errors import GptlabError
-from gptlab.generate import TextStats, stream_text
 from gptlab.model import GPTModel
 from gptlab.prompts import PromptStyle
 from gptlab.respond import model_prompt_style
@@ -88,19 +92,14 @@ class ServedModel:
 
 # ---- what the worker runs per request -----------------------------------------------------------
 
-def generation_events(served: ServedModel, prompts: Sequence[str], sampling: Sampling,
-                      echo: bool = False) -> Iterator[Event]:
-    """("text", choice, piece) as pieces are final, then ("finish", choice, TextStats), choice by choice."""
-    for p, prompt in enumerate(prompts):
-        for c in range(sampling.n):
-            index = p * sampling.n + c
-            if echo:
-                yield ("text", index, prompt)
-            stats = TextStats()
-            settings = sampling.for_choice(c).kwargs()
-            for piece in stream_text(served.model, served.tokenizer, prompt, stats=stats, **settings):
-                yield ("text", index, piece)
-            yield ("finish", index, stats)
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A generation job's work: ``sampling.n`` choices per prompt, numbered prompt by prompt (p * n + c)."""
+
+    prompts: Sequence[str]
+    sampling: Sampling
+    echo: bool = False
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
 
 
 def classify_events(served: ServedModel, texts: Sequence[str]) -> Iterator[Event]:
@@ -122,12 +121,14 @@ def classify_events(served: ServedModel, texts: Sequence[str]) -> Iterator[Event
 class Job:
     """One request's work: a generator of events built and stepped by the worker, read by the event loop."""
 
-    def __init__(self, make_events: Callable[[], Iterator[Event]], loop: asyncio.AbstractEventLoop) -> None:
-        self._make_events, self._loop = make_events, loop
+    def __init__(self, make_events: Callable[[], Iterator[Event]] | None, loop: asyncio.AbstractEventLoop,
+                 generation: GenerationRequest | None = None) -> None:
+        self._make_events, self._loop, self.generation = make_events, loop, generation
         self._events: Iterator[Event] | None = None
+        self.streams: list[BatchedStream] = []  # a generation's rows in the batch, one per choice
         self._queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
-        self.steps = 0  # events made so far: what a cancelled job cost after its client left
+        self.steps = 0  # events made (a generation: batch steps taken part in) so far: what a cancelled job cost
 
     def cancel(self) -> None:
         """Stop the work: the worker drops the job before its next step, and a reader waiting for events ends."""
@@ -175,13 +176,14 @@ class Job:
 
 
 class GenerationWorker:
-    """The one thread that runs the model, interleaving up to ``max_active`` jobs one event at a time."""
+    """The one thread that runs the model: generations as one continuous batch, other jobs stepped between."""
 
-    def __init__(self, max_active: int = 8, max_queue: int = 64) -> None:
+    def __init__(self, max_active: int = 8, max_queue: int = 64, served: ServedModel | None = None) -> None:
         self.max_active = max_active
         self._waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self.batch = ContinuousBatch(served.model, served.tokenizer, max_active) if served is not None else None
         self.active = 0
         self.completed = 0
         self.cancelled = 0
@@ -189,6 +191,11 @@ class GenerationWorker:
     @property
     def queued(self) -> int:
         return self._waiting.qsize()
+
+    @property
+    def rows(self) -> int:
+        """Generations (choices) in the batch now."""
+        return self.batch.size if self.batch is not None else 0
 
     def start(self) -> None:
         self._stopping.clear()
@@ -201,7 +208,16 @@ class GenerationWorker:
             self._thread.join(timeout=10)
 
     def submit(self, make_events: Callable[[], Iterator[Event]]) -> Job:
-        job = Job(make_events, asyncio.get_running_loop())
+        """A job stepped one event at a time between batch steps."""
+        return self._enqueue(Job(make_events, asyncio.get_running_loop()))
+
+    def submit_generation(self, request: GenerationRequest) -> Job:
+        """A generation: its choices join the batch when there is room."""
+        if self.batch is None:
+            raise APIError(500, "this worker has no model to generate with", type="server_error")
+        return self._enqueue(Job(None, asyncio.get_running_loop(), request))
+
+    def _enqueue(self, job: Job) -> Job:
         try:
             self._waiting.put_nowait(job)
         except queue.Full:
@@ -213,33 +229,94 @@ class GenerationWorker:
         active: list[Job] = []
         while not self._stopping.is_set():
             self._admit(active)
+            for job in [j for j in active if j.cancelled.is_set()]:  # their rows are free before the next step
+                self.cancelled += 1
+                self._drop(job, active)
             self.active = len(active)
-            for job in list(active):
+            for job in [j for j in active if j.generation is None]:
                 if not self._step(job):
-                    job.close()
-                    active.remove(job)
+                    self._drop(job, active)
+            generating = [j for j in active if j.generation is not None]
+            if generating:
+                self._step_batch(generating, active)
             self.active = len(active)
         for job in active:
-            job.close()
+            self._drop(job, active)
 
     def _admit(self, active: list[Job]) -> None:
-        """Move waiting jobs into ``active`` up to ``max_active``; sleep on the queue only when idle."""
-        while len(active) < self.max_active:
+        """Move waiting jobs into ``active`` while there is room; sleep on the queue only when idle."""
+        while self._load(active) < self.max_active:
             try:
                 job = self._waiting.get(block=not active, timeout=0.2)
             except queue.Empty:
                 return
             if job.cancelled.is_set():
                 self.cancelled += 1
-            else:
+            elif job.generation is None or self._join(job):
                 active.append(job)
+
+    @staticmethod
+    def _load(active: list[Job]) -> int:
+        return sum(len(j.streams) if j.generation is not None else 1 for j in active)
+
+    def _join(self, job: Job) -> bool:
+        """Add the job's choices to the batch (prefilled at the next step); False if it failed at once."""
+        request = job.generation
+        try:
+            for p, prompt in enumerate(request.prompts):
+                for c in range(request.sampling.n):
+                    if request.echo:
+                        job.emit(("text", p * request.sampling.n + c, prompt))
+                    job.streams.append(self.batch.add(prompt, request.sampling.for_choice(c), request.logprobs))
+        except Exception as e:
+            self._fail(job, e)
+            return False
+        return True
+
+    def _step_batch(self, generating: list[Job], active: list[Job]) -> None:
+        """One batch step; each job's new events to its client; finished jobs leave."""
+        try:
+            self.batch.step()
+        except Exception as e:  # the batch is in an unknown state: fail its requests, start afresh
+            for job in generating:
+                self._fail(job, e)
+                active.remove(job)
+            self.batch.close()
+            return
+        for job in generating:
+            job.steps += 1
+            for index, stream in enumerate(job.streams):
+                for kind, value in stream.take():
+                    job.emit((kind, index, value))
+            if all(s.done for s in job.streams):
+                job.emit(_END)
+                self.completed += 1
+                self._drop(job, active)
+
+    def _drop(self, job: Job, active: list[Job]) -> None:
+        for stream in job.streams:
+            self.batch.remove(stream)
+        job.streams = []
+        job.close()
+        if job in active:
+            active.remove(job)
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        for stream in job.streams:
+            self.batch.remove(stream)
+        job.streams = []
+        job.emit(error_event(error))
+        self.completed += 1
 
     def _step(self, job: Job) -> bool:
         """Send the job's next event to its client; False once the job is done (finished, failed or cancelled)."""
         if job.cancelled.is_set():
             self.cancelled += 1
             return False
-        event = self._advance(job)
+        try:
+            event = job.step()
+        except Exception as e:
+            event = error_event(e)
         if event is not None and event[0] == "tick":  # work done, nothing to send yet
             return True
         if event is not None and event[0] != "error":
@@ -249,18 +326,15 @@ class GenerationWorker:
         self.completed += 1
         return False
 
-    @staticmethod
-    def _advance(job: Job) -> Event | None:
-        """The job's next event (None when it is done); a failure becomes an error event for its client only."""
-        try:
-            return job.step()
-        except APIError as e:
-            return ("error", e)
-        except GptlabError as e:
-            return ("error", APIError(400, str(e)))
-        except Exception as e:  # keep serving the others; this client gets a 500
-            log.exception("generation failed")
-            return ("error", APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
+
+def error_event(error: Exception) -> Event:
+    """A failure as an error event for its client only: a 400 for a user mistake, else a 500."""
+    if isinstance(error, APIError):
+        return ("error", error)
+    if isinstance(error, GptlabError):
+        return ("error", APIError(400, str(error)))
+    log.error("generation failed", exc_info=error)  # keep serving the others; this client gets a 500
+    return ("error", APIError(500, f"generation failed: {type(error).__name__}: {error}", type="server_error"))
 
 
 # ---- the engine the app talks to ----------------------------------------------------------------
@@ -270,7 +344,7 @@ class Engine:
 
     def __init__(self, served: ServedModel, limits: ServeLimits = ServeLimits()) -> None:
         self.served, self.limits = served, limits
-        self.worker = GenerationWorker(limits.max_active, limits.max_queue)
+        self.worker = GenerationWorker(limits.max_active, limits.max_queue, served)
 
     def start(self) -> None:
         self.worker.start()
@@ -278,14 +352,16 @@ class Engine:
     def stop(self) -> None:
         self.worker.stop()
 
-    def generate(self, prompts: Sequence[str], sampling: Sampling, echo: bool = False) -> Job:
-        """``sampling.n`` choices per prompt, numbered prompt by prompt (prompt p, choice c: p * n + c)."""
-        return self.worker.submit(lambda: generation_events(self.served, prompts, sampling, echo=echo))
+    def generate(self, prompts: Sequence[str], sampling: Sampling, echo: bool = False,
+                 logprobs: int | None = None) -> Job:
+        """``sampling.n`` choices per prompt, numbered prompt by prompt (prompt p, choice c: p * n + c);
+        ``logprobs``: also each token's log-probability and that many alternatives (0: none)."""
+        return self.worker.submit_generation(GenerationRequest(prompts, sampling, echo, logprobs))
 
     def classify(self, texts: Sequence[str]) -> Job:
         """One ``("result", body)`` event with the label and class probabilities of each text."""
         return self.worker.submit(lambda: classify_events(self.served, texts))
 
     def status(self) -> dict:
-        """What ``/health`` reports: jobs waiting and jobs running."""
-        return {"queued": self.worker.queued, "active": self.worker.active}
+        """What ``/health`` reports: jobs waiting, jobs running, and their rows in the batch."""
+        return {"queued": self.worker.queued, "active": self.worker.active, "batch_rows": self.worker.rows}

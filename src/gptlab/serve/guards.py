@@ -26,11 +26,16 @@ from gptlab.serve.schemas import APIError
 PUBLIC_PATHS = ("/", "/health")  # the chat page (it asks for the key itself) and liveness
 
 
-def error_response(error: APIError, close: bool = False) -> JSONResponse:
+OLLAMA_PREFIX = "/api/"  # Ollama's routes answer errors in Ollama's shape, {"error": "message"}
+
+
+def error_response(error: APIError, close: bool = False, path: str = "") -> JSONResponse:
+    """The error in the shape of the protocol that ``path`` belongs to: Ollama's under /api/, else OpenAI's."""
     headers = dict(error.headers() or {})
     if close:  # the client is still sending: end the connection instead of reading on
         headers["Connection"] = "close"
-    return JSONResponse(error.body(), status_code=error.status, headers=headers or None)
+    body = {"error": error.message} if path.startswith(OLLAMA_PREFIX) else error.body()
+    return JSONResponse(body, status_code=error.status, headers=headers or None)
 
 
 def header(scope, name: bytes) -> str | None:
@@ -96,7 +101,7 @@ class HostAllowlist:
         error = APIError(400, f"this server does not answer for the host {name!r} (a guard against DNS rebinding); "
                               f"to allow it: gptlab serve --allowed-host {name}", param="Host",
                          code="host_not_allowed")
-        await error_response(error)(scope, receive, send)
+        await error_response(error, path=scope["path"])(scope, receive, send)
 
 
 # ---- the API key ----------------------------------------------------------------------------------
@@ -121,7 +126,7 @@ class RequireAPIKey:
         if scope["type"] == "http" and self.api_key is not None and scope["path"] not in PUBLIC_PATHS:
             error = api_key_error(header(scope, b"authorization"), self.api_key)
             if error is not None:
-                return await error_response(error)(scope, receive, send)
+                return await error_response(error, path=scope["path"])(scope, receive, send)
         await self.app(scope, receive, send)
 
 
@@ -144,7 +149,7 @@ class BodyLimits:
                                   "(gptlab serve --max-request-bytes)", code="request_too_large")
         declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await error_response(too_large)(scope, receive, send)
+            return await error_response(too_large, path=scope["path"])(scope, receive, send)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         chunks, size = [], 0
@@ -154,13 +159,13 @@ class BodyLimits:
             except asyncio.TimeoutError:
                 slow = APIError(408, f"the request body did not arrive within {self.timeout:g} s "
                                      "(gptlab serve --body-timeout)", code="request_timeout")
-                return await error_response(slow, close=True)(scope, receive, send)
+                return await error_response(slow, close=True, path=scope["path"])(scope, receive, send)
             if message["type"] != "http.request":  # the client left before sending its body
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                return await error_response(too_large)(scope, receive, send)
+                return await error_response(too_large, path=scope["path"])(scope, receive, send)
             if not message.get("more_body", False):
                 break
         await self.app(scope, replay(b"".join(chunks), receive), send)

@@ -93,6 +93,7 @@ class ChatRequest(SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: Int | None = None
     logprobs: Bool | None = None
+    top_logprobs: Int | None = None
     tools: list[Any] | None = None
 
 
