@@ -18,12 +18,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gptlab.batching import MAX_TOP_LOGPROBS
 from gptlab.config import ServeLimits
 from gptlab.errors import GptlabError
 from gptlab.generate import TextStats
-from gptlab.batching import MAX_TOP_LOGPROBS
 from gptlab.serve.engine import Engine, Job, ServedModel
-from gptlab.serve.guards import BodyLimits, HostAllowlist, RequireAPIKey, api_key_error, error_response
+from gptlab.serve.guards import (OLLAMA_PREFIX, BodyLimits, HostAllowlist, RequireAPIKey, api_key_error,
+                                 cancelled_on_disconnect, error_response)
+from gptlab.serve.ollama import OllamaRoutes
 from gptlab.serve.schemas import (APIError, ChatRequest, ClassifyRequest, CompletionRequest, Sampling, SamplingFields,
                                   chat_messages, check_choices, non_empty, request_sampling, unsupported)
 
@@ -48,6 +50,7 @@ def create_app(served: ServedModel, api_key: str | None = None, limits: ServeLim
     app.add_middleware(HostAllowlist, allowed=tuple(allowed_hosts))
     add_error_handlers(app)
     Routes(engine, api_key).add_to(app)
+    OllamaRoutes(engine).add_to(app)  # /api/...: Ollama's API over the same engine
     return app
 
 
@@ -176,25 +179,6 @@ class Routes:
             return await whole_answer(job, header, chat, n_prompts * sampling.n, sampling.n, logprobs)
 
 
-@asynccontextmanager
-async def cancelled_on_disconnect(job: Job, request: Request):
-    """While the body runs, a client that hangs up cancels ``job`` at once, not when its answer is done.
-
-    The request's body has been read, so the next ASGI message is the disconnect; the worker then
-    drops the job before its next step.
-    """
-    async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        job.cancel()
-
-    watcher = asyncio.create_task(watch())
-    try:
-        yield
-    finally:
-        watcher.cancel()
-
-
 # ---- OpenAI's response shapes ---------------------------------------------------------------------
 
 async def whole_answer(job: Job, header: dict, chat: bool, n_choices: int, n: int,
@@ -314,7 +298,8 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     message = f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}"
-    return error_response(APIError(422, message, param=param, code="invalid_value"), path=request.url.path)
+    status = 400 if request.url.path.startswith(OLLAMA_PREFIX) else 422  # Ollama: a 400 for any bad field
+    return error_response(APIError(status, message, param=param, code="invalid_value"), path=request.url.path)
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -18,10 +18,16 @@ import asyncio
 import hmac
 import ipaddress
 from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from gptlab.serve.schemas import APIError
+
+if TYPE_CHECKING:
+    from gptlab.serve.engine import Job
 
 PUBLIC_PATHS = ("/", "/health")  # the chat page (it asks for the key itself) and liveness
 
@@ -183,3 +189,24 @@ def replay(body: bytes, receive):
         return await receive()  # afterwards: http.disconnect, which cancels the request's job
 
     return receive_replayed
+
+
+# ---- a client that hangs up ------------------------------------------------------------------------
+
+@asynccontextmanager
+async def cancelled_on_disconnect(job: Job, request: Request):
+    """While the body runs, a client that hangs up cancels ``job`` at once, not when its answer is done.
+
+    The request's body has been read, so the next ASGI message is the disconnect; the worker then
+    drops the job before its next step.
+    """
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
