@@ -16,6 +16,13 @@ queue (1: one request at a time) in one run, as ratios less sensitive to a busy 
 does the same for torch's thread count in the server (`gptlab serve --threads`):
 
     python benchmarks/bench_serve_load.py --clients 16 --duration 60 --max-active 8 --threads 2,1
+
+``--goals`` measures continuous batching against its goals on one server (``--max-active``'s first value):
+rounds of one client alone, then ``--clients`` at once, alternated (A, B, A, B: medians, less sensitive to a
+busy machine), with ``/health`` polled throughout; it reports aggregate tokens/s loaded vs alone, TTFT p50
+loaded vs idle, failed or truncated responses, the slowest ``/health`` and the server's peak RSS:
+
+    python benchmarks/bench_serve_load.py --goals --preset gpt2-small --clients 8 --duration 20 --rounds 3
 """
 from __future__ import annotations
 
@@ -134,6 +141,77 @@ async def run_load(url: str, api_key: str | None, clients: int, duration: float,
     return report
 
 
+async def poll_health(url: str, headers: dict, stop: asyncio.Event, every: float = 0.1) -> list[float]:
+    """Seconds each ``GET /health`` took until ``stop``; a failed one counts as infinitely slow."""
+    times = []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10.0)) as http:
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                ok = (await http.get(url + "/health", headers=headers)).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            times.append(time.perf_counter() - started if ok else float("inf"))
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=every)
+            except asyncio.TimeoutError:
+                pass
+    return times
+
+
+async def load_with_health(url: str, api_key: str | None, clients: int, duration: float, max_tokens: int,
+                           label: str) -> tuple[LoadReport, list[float]]:
+    stop = asyncio.Event()
+    health = asyncio.create_task(poll_health(url, {"Authorization": f"Bearer {api_key}"} if api_key else {}, stop))
+    report = await run_load(url, api_key, clients, duration, max_tokens, label)
+    stop.set()
+    return report, await health
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """The process's peak resident memory (Linux VmHWM), MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def run_goals(srv: "ServerProcess", args) -> int:
+    """Alternate one client alone and ``args.clients`` at once on one server; report against the goals."""
+    alone, loaded, health = [], [], []
+    for r in range(args.rounds):
+        for clients, into in ((1, alone), (args.clients, loaded)):
+            report, times = asyncio.run(load_with_health(srv.url, None, clients, args.duration, args.max_tokens,
+                                                         f"round {r + 1}, {clients} client(s)"))
+            into.append(report.summary())
+            health += times
+            show(into[-1])
+    median = statistics.median
+    rate = lambda runs: median(s["tokens_per_s"] for s in runs)  # noqa: E731
+    ttft = lambda runs: median(s["ttft_s"]["p50"] for s in runs if s["ttft_s"])  # noqa: E731
+    failed = sum(s["failed"] for s in alone + loaded)
+    speedup, ttft_ratio = rate(loaded) / rate(alone), ttft(loaded) / ttft(alone)
+    slowest = max(health) if health else float("nan")
+    rss = peak_rss_mib(srv.proc.pid)
+    print(f"\n== goals ({args.rounds} rounds of {args.duration:g} s each, medians)")
+    print(f"  aggregate tokens/s  {args.clients} clients {rate(loaded):.1f} vs 1 client {rate(alone):.1f}: "
+          f"x{speedup:.2f}  (goal >= 4)")
+    print(f"  TTFT p50            loaded {ttft(loaded) * 1000:.0f} ms vs idle {ttft(alone) * 1000:.0f} ms: "
+          f"x{ttft_ratio:.2f}  (goal <= 3)")
+    print(f"  failed or truncated {failed} of {sum(s['requests'] for s in alone + loaded)}  (goal 0)")
+    print(f"  /health             {len(health)} polls, p99 {percentiles(health).get('p99', float('nan')) * 1000:.1f} ms, "
+          f"slowest {slowest * 1000:.1f} ms  (goal < 100)")
+    print(f"  server peak RSS     {rss:.0f} MiB" if rss is not None else "  server peak RSS     unknown")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"alone": alone, "loaded": loaded, "speedup": speedup,
+                                               "ttft_ratio": ttft_ratio, "failed": failed, "health_max_s": slowest,
+                                               "peak_rss_mib": rss}, indent=2) + "\n")
+    return 1 if failed else 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -217,7 +295,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="server torch threads to compare, comma-separated (default: the server's own default)")
     p.add_argument("--device", default="cpu", help="server device (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the summaries to this file")
+    p.add_argument("--goals", action="store_true",
+                   help="one server: 1 client and --clients alternated, against the batching goals")
+    p.add_argument("--rounds", type=int, default=3, help="--goals: rounds of (1 client, --clients) (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.goals:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = args.model or str(make_random_run(args.preset, Path(tmp)))
+            threads = int(args.threads.split(",")[0]) if args.threads else None
+            max_active = int(args.max_active.split(",")[-1])
+            with ServerProcess(model, max_active, max_queue=max(64, 2 * args.clients), device=args.device,
+                               threads=threads) as srv:
+                return run_goals(srv, args)
 
     summaries = []
     if args.url:

@@ -79,6 +79,15 @@ def test_each_steps_logits_equal_the_request_alone_to_1e_4(model, tokenizer):
         assert diff < 1e-4, diff
 
 
+def test_newcomers_prefilled_together_or_apart_by_length_match_alone(model, tokenizer):
+    # one step's newcomers: the three short ones share a padded prefill, the 50-token one goes alone
+    long_prompt = " ".join(["word"] * 50)
+    prompts = [PROMPTS[0], PROMPTS[4], long_prompt, PROMPTS[2]]
+    configs = [SamplingConfig(max_new_tokens=n) for n in (9, 5, 8, 12)]
+    _, texts, _ = run(ContinuousBatch(model, tokenizer), {0: list(zip(prompts, configs))})
+    assert texts == [alone(model, tokenizer, p, c) for p, c in zip(prompts, configs)]
+
+
 def test_sampling_settings_seeds_and_penalties_stay_per_request(model, tokenizer):
     configs = [SamplingConfig(max_new_tokens=15, temperature=0.9, seed=5),
                SamplingConfig(max_new_tokens=15, temperature=1.2, top_k=50, seed=6),
@@ -111,9 +120,13 @@ def test_removed_rows_free_at_once_and_the_cache_fits_the_requests(model, tokeni
     packs = CPULinear.use_onednn and onednn_kernels().reorder is not None
     assert (model.lm_head.packed is not None) == packs
     assert batch.cache.max_len == 64  # the longest need (prompt + 40) rounded up, capped at the context
+    rows = list(batch.running)
     batch.remove(a)  # the last row moves into its place; the others go on untouched
+    moved = rows[-1]
+    rows[rows.index(a)] = moved
     batch.step()
-    assert batch.size == 2 and batch.running == [c, b] and int(batch.cache.lengths[0]) == len(c.ids) - 1
+    assert batch.size == 2 and batch.running == rows[:-1]
+    assert int(batch.cache.lengths[batch.running.index(moved)]) == len(moved.ids) - 1
     for _ in range(50):
         batch.step()
     assert b.done and c.done and batch.size == 0 and batch.cache is None  # an idle batch holds no cache

@@ -197,14 +197,14 @@ def test_ollama_errors_are_ollamas_shape(open_server, keyed_server):
 def test_an_ollama_client_that_disconnects_frees_its_batch_slot_before_the_next_step(served, monkeypatch):
     with BackgroundServer(create_app(served, limits=LIMITS)) as srv:
         worker = srv.app.state.worker
-        step, steps = worker.batch.step, []
+        step, steps = worker.batch.decode, []
 
         def slowed_step():  # countable steps, and what each one decoded
             time.sleep(STEP_S)
             steps.append(worker.batch.size)
             step()
 
-        monkeypatch.setattr(worker.batch, "step", slowed_step)
+        monkeypatch.setattr(worker.batch, "decode", slowed_step)
         body = {"model": "tiny-lm", "messages": [{"role": "user", "content": "A long story"}],
                 "options": {"temperature": 0, "num_predict": 3000}}
         with httpx.Client(timeout=30) as http:

@@ -106,7 +106,7 @@ def seconds_until_closed(sock: socket.socket, limit: float = 10.0) -> float:
 def slow_down(worker, monkeypatch) -> list:
     """Every generation ``worker`` takes from now on: its batch steps slowed to STEP_S, so steps after a
     hang-up can be counted (``Job.steps``: the batch steps a job took part in)."""
-    jobs, submit, step = [], worker.submit_generation, worker.batch.step
+    jobs, submit, step = [], worker.submit_generation, worker.batch.decode
 
     def slowed_step():
         time.sleep(STEP_S)
@@ -117,7 +117,7 @@ def slow_down(worker, monkeypatch) -> list:
         return jobs[-1]
 
     monkeypatch.setattr(worker, "submit_generation", recorded_submit)
-    monkeypatch.setattr(worker.batch, "step", slowed_step)
+    monkeypatch.setattr(worker.batch, "decode", slowed_step)
     return jobs
 
 

@@ -3,9 +3,11 @@
 ``ContinuousBatch`` is what ``gptlab serve`` runs. ``add`` queues a generation (a prompt and its own
 ``SamplingConfig``); each ``step``
 
-    1. prefills the generations that joined since the last step, one at a time at batch 1 (the same path
-       as ``stream_text``), each into a free row of the ragged cache, and samples their first token;
-    2. decodes one token for every other running generation as one (n, 1) batch over the ragged cache,
+    1. prefills the generations that joined since the last step, together (prompts of similar lengths,
+       right-padded) into free rows of the ragged cache, and samples their first token (``prefill``: a
+       server sends those before the decoding step);
+    2. decodes one token for every other running generation as one (n, 1) batch over the ragged cache
+       (``decode``),
        on the packed-weight path (``gptlab.linear.packed_weights``) while two rows or more run;
     3. drops the generations that finished; ``remove`` drops one at once (a client that left).
 
@@ -122,6 +124,8 @@ class ContinuousBatch:
         self.cache: RaggedKVCache | None = None
         self._packed = ExitStack()  # packed weight copies, held while two rows or more run
         self._packing = False
+        self._joined = 0  # rows the prefill under way added
+        self._newcomers: list[BatchedStream] = []  # prefilled this step: they drew their token already
 
     @property
     def size(self) -> int:
@@ -164,13 +168,28 @@ class ContinuousBatch:
                 group.remove(stream)
         self._release_if_idle()
 
-    @torch.no_grad()
     def step(self) -> None:
         """Prefill the newcomers, decode one token for the others, drop the finished."""
-        joining, self.joining = self.joining, []
-        for stream in joining:
-            self._prefill(stream)
-        decoding = [s for s in self.running if s not in joining]
+        self.prefill()
+        self.decode()
+
+    @torch.no_grad()
+    def prefill(self) -> None:
+        """The newcomers' prompts, into free rows, each drawing its first token (a server sends it at once)."""
+        joining, self.joining = sorted(self.joining, key=lambda s: len(s.ids)), []
+        while joining:  # prompts of similar lengths together: padding stays under half of what is computed
+            group = [joining.pop(0)]
+            while joining and (len(group) + 1) * len(joining[0].ids) <= 2 * sum(len(s.ids) for s in group + joining[:1]):
+                group.append(joining.pop(0))
+            self._prefill(group)
+        self._newcomers = self.running[len(self.running) - self._joined :] if self._joined else []
+        self._joined = 0
+
+    @torch.no_grad()
+    def decode(self) -> None:
+        """One token for every generation that was running before this step's prefill; drop the finished."""
+        decoding = [s for s in self.running if s not in self._newcomers]
+        self._newcomers = []
         if decoding:
             self._decode(decoding)
         for stream in self.windowed:
@@ -183,14 +202,22 @@ class ContinuousBatch:
         for stream in [s for s in (*self.running, *self.windowed) if s.done]:
             self.remove(stream)
 
-    def _prefill(self, stream: BatchedStream) -> None:
-        r = len(self.running)
-        self._make_room(r + 1, self._length_needed(stream))
-        self.running.append(stream)
-        logits = self.model(torch.tensor([stream.ids], device=self.device), cache=self.cache.row(r),
-                            last_only=True)[:, -1]  # (1, V)
-        self.cache.lengths[r] = len(stream.ids)
-        stream.accept(logits, self.tokenizer)
+    def _prefill(self, group: list[BatchedStream]) -> None:
+        """Prompts into rows r.., right-padded to the longest: causal attention never lets a real token see
+        the padding after it, and positions start at 0 in every row, so each row is its prompt alone."""
+        r, k = len(self.running), len(group)
+        self._make_room(r + k, max(self._length_needed(s) for s in group))
+        self.running += group
+        self._joined += k
+        lengths = torch.tensor([len(s.ids) for s in group], device=self.device)  # (k,)
+        ids = torch.zeros(k, int(lengths.max()), dtype=torch.long, device=self.device)  # (k, P)
+        for i, s in enumerate(group):
+            ids[i, : len(s.ids)] = torch.tensor(s.ids)
+        hidden = self.model.hidden_states(ids, cache=self.cache.view(r, k))  # (k, P, C)
+        logits = self.model.lm_head(hidden[torch.arange(k), lengths - 1])  # (k, V): each prompt's last position
+        self.cache.lengths[r : r + k] = lengths
+        for i, s in enumerate(group):
+            s.accept(logits[i : i + 1], self.tokenizer)
 
     def _decode(self, decoding: list[BatchedStream]) -> None:
         n = len(decoding)  # rows 0..n-1: the newcomers were appended after them

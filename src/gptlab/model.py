@@ -78,7 +78,7 @@ class RaggedKVCache:
     keys where a batch-1 cache keeps them, so nothing is recomputed or shifted when rows of other lengths
     join or leave; padding past a row's length is masked, never computed. The rows in use are always
     0..n-1 (``remove`` moves the last row into the gap), and a step of n token ids uses exactly those.
-    Prefill goes through ``row(r)``: a plain ``KVCache`` over that row, the same path as batch 1.
+    Prefill goes through ``view(r, n)``: a plain ``KVCache`` over those rows, the path of an ordinary batch.
     """
 
     def __init__(self, config: GPTConfig, rows: int, max_len: int, device, dtype) -> None:
@@ -92,9 +92,9 @@ class RaggedKVCache:
         self.rows, self.max_len = rows, max_len
         self._step: tuple[torch.Tensor, int, torch.Tensor] | None = None  # this step's positions, span, mask
 
-    def row(self, r: int) -> KVCache:
-        """A batch-1 cache over row ``r`` (empty: a new sequence is prefilled through it); ``lengths`` follows."""
-        return KVCache.over([k[r : r + 1] for k in self.k], [v[r : r + 1] for v in self.v])
+    def view(self, r: int, n: int = 1) -> KVCache:
+        """A plain cache over rows r..r+n-1, empty: new sequences are prefilled through it (``lengths`` follows)."""
+        return KVCache.over([k[r : r + n] for k in self.k], [v[r : r + n] for v in self.v])
 
     def copy_row(self, dst: int, src: int, other: "RaggedKVCache | None" = None) -> None:
         """Row ``src`` of ``other`` (default: this cache) into row ``dst``, its filled positions only."""
@@ -113,7 +113,7 @@ class RaggedKVCache:
     # the model's side, for one token per row
     def positions(self, T: int, device) -> tuple[torch.Tensor, int]:
         if T != 1:
-            raise GptlabError("a ragged cache decodes one token per row; prefill a row through row(r)")
+            raise GptlabError("a ragged cache decodes one token per row; prefill rows through view(r, n)")
         if self._step is None:
             raise GptlabError("RaggedKVCache.begin(rows) comes before each decoding step")
         return self._step[0].unsqueeze(1), self._step[1]  # (n, 1): each row's own position; the longest row

@@ -274,24 +274,28 @@ class GenerationWorker:
         return True
 
     def _step_batch(self, generating: list[Job], active: list[Job]) -> None:
-        """One batch step; each job's new events to its client; finished jobs leave."""
-        try:
-            self.batch.step()
-        except Exception as e:  # the batch is in an unknown state: fail its requests, start afresh
-            for job in generating:
-                self._fail(job, e)
-                active.remove(job)
-            self.batch.close()
-            return
+        """One batch step: the newcomers' prefill, their first tokens sent at once, then one token for the
+        others; each job's new events go to its client, and finished jobs leave."""
+        for phase in (self.batch.prefill, self.batch.decode):
+            try:
+                phase()
+            except Exception as e:  # the batch is in an unknown state: fail its requests, start afresh
+                for job in generating:
+                    self._fail(job, e)
+                    active.remove(job)
+                self.batch.close()
+                return
+            for job in list(generating):
+                for index, stream in enumerate(job.streams):
+                    for kind, value in stream.take():
+                        job.emit((kind, index, value))
+                if all(s.done for s in job.streams):
+                    job.emit(_END)
+                    self.completed += 1
+                    self._drop(job, active)
+                    generating.remove(job)
         for job in generating:
             job.steps += 1
-            for index, stream in enumerate(job.streams):
-                for kind, value in stream.take():
-                    job.emit((kind, index, value))
-            if all(s.done for s in job.streams):
-                job.emit(_END)
-                self.completed += 1
-                self._drop(job, active)
 
     def _drop(self, job: Job, active: list[Job]) -> None:
         for stream in job.streams:
