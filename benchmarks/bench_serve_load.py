@@ -120,13 +120,14 @@ async def one_request(http: httpx.AsyncClient, url: str, headers: dict, body: di
 
 
 async def run_load(url: str, api_key: str | None, clients: int, duration: float, max_tokens: int,
-                   label: str) -> LoadReport:
+                   label: str, stagger: float = 0.0) -> LoadReport:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     report = LoadReport(label, duration)
     deadline = time.perf_counter() + duration
 
     async def client(i: int, http: httpx.AsyncClient) -> None:
         n = 0
+        await asyncio.sleep(stagger * i / clients)  # 0: all start at once, and equal requests stay in lockstep
         while time.perf_counter() < deadline:  # a request started before the deadline runs to its end
             body = {"prompt": PROMPTS[(i + n) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.8,
                     "seed": 1000 * i + n, "stream": True, "stream_options": {"include_usage": True}}
@@ -160,10 +161,10 @@ async def poll_health(url: str, headers: dict, stop: asyncio.Event, every: float
 
 
 async def load_with_health(url: str, api_key: str | None, clients: int, duration: float, max_tokens: int,
-                           label: str) -> tuple[LoadReport, list[float]]:
+                           label: str, stagger: float = 0.0) -> tuple[LoadReport, list[float]]:
     stop = asyncio.Event()
     health = asyncio.create_task(poll_health(url, {"Authorization": f"Bearer {api_key}"} if api_key else {}, stop))
-    report = await run_load(url, api_key, clients, duration, max_tokens, label)
+    report = await run_load(url, api_key, clients, duration, max_tokens, label, stagger)
     stop.set()
     return report, await health
 
@@ -185,7 +186,7 @@ def run_goals(srv: "ServerProcess", args) -> int:
     for r in range(args.rounds):
         for clients, into in ((1, alone), (args.clients, loaded)):
             report, times = asyncio.run(load_with_health(srv.url, None, clients, args.duration, args.max_tokens,
-                                                         f"round {r + 1}, {clients} client(s)"))
+                                                         f"round {r + 1}, {clients} client(s)", args.stagger))
             into.append(report.summary())
             health += times
             show(into[-1])
@@ -196,7 +197,8 @@ def run_goals(srv: "ServerProcess", args) -> int:
     speedup, ttft_ratio = rate(loaded) / rate(alone), ttft(loaded) / ttft(alone)
     slowest = max(health) if health else float("nan")
     rss = peak_rss_mib(srv.proc.pid)
-    print(f"\n== goals ({args.rounds} rounds of {args.duration:g} s each, medians)")
+    print(f"\n== goals ({args.rounds} rounds of {args.duration:g} s each, medians; clients spread over "
+          f"{args.stagger:g} s)")
     print(f"  aggregate tokens/s  {args.clients} clients {rate(loaded):.1f} vs 1 client {rate(alone):.1f}: "
           f"x{speedup:.2f}  (goal >= 4)")
     print(f"  TTFT p50            loaded {ttft(loaded) * 1000:.0f} ms vs idle {ttft(alone) * 1000:.0f} ms: "
@@ -298,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--goals", action="store_true",
                    help="one server: 1 client and --clients alternated, against the batching goals")
     p.add_argument("--rounds", type=int, default=3, help="--goals: rounds of (1 client, --clients) (default: %(default)s)")
+    p.add_argument("--stagger", type=float, default=0.0,
+                   help="--goals: seconds over which the clients' first requests are spread (default: %(default)s, "
+                        "all at once: equal requests then arrive and finish in lockstep, the worst case for TTFT)")
     args = p.parse_args(argv)
     if args.goals:
         with tempfile.TemporaryDirectory() as tmp:

@@ -249,6 +249,8 @@ class GenerationWorker:
             try:
                 job = self._waiting.get(block=not active, timeout=0.2)
             except queue.Empty:
+                if not active and self.batch is not None:
+                    self.batch.release_if_idle()  # idle for a while: no cache, no packed copies
                 return
             if job.cancelled.is_set():
                 self.cancelled += 1
