@@ -41,6 +41,7 @@ from gptlab.model import GPTModel, RaggedKVCache
 from gptlab.sampling import Penalties, sample_next
 from gptlab.tokenizer import Tokenizer
 
+PREFILL_TOKENS = 32  # padded tokens per prefill group: a group's first tokens go out sooner than all of them
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 CACHE_LENGTH_STEP = 64  # the cache grows in positions by multiples of this (fewer reallocations)
 
@@ -93,6 +94,11 @@ class BatchedStream:
         self.events.append(("finish", self.stats))
 
 
+def fits(rows: int, longest: int, tokens: int) -> bool:
+    """Whether ``rows`` prompts padded to ``longest`` make a prefill group: padding at most half, and small."""
+    return rows * longest <= min(2 * tokens, PREFILL_TOKENS)
+
+
 def token_text(tokenizer: Tokenizer, token: int) -> tuple[str, list[int]]:
     """A token's text (U+FFFD for part of a character, as OpenAI shows it) and its bytes."""
     decode_bytes = getattr(tokenizer, "decode_bytes", None)
@@ -126,7 +132,6 @@ class ContinuousBatch:
         self.cache: RaggedKVCache | None = None
         self._packed = ExitStack()  # packed weight copies, held while two rows or more run
         self._packing = False
-        self._joined = 0  # rows the prefill under way added
         self._newcomers: list[BatchedStream] = []  # prefilled this step: they drew their token already
 
     @property
@@ -177,16 +182,20 @@ class ContinuousBatch:
         self.release_if_idle()
 
     @torch.no_grad()
-    def prefill(self) -> None:
-        """The newcomers' prompts, into free rows, each drawing its first token (a server sends it at once)."""
-        joining, self.joining = sorted(self.joining, key=lambda s: len(s.ids)), []
-        while joining:  # prompts of similar lengths together: padding stays under half of what is computed
+    def prefill(self, groups: int | None = None) -> None:
+        """The newcomers' prompts into free rows, each drawing its first token, in groups of similar lengths
+        (padding under half of what is computed, at most ``PREFILL_TOKENS`` padded tokens unless one prompt
+        is longer); ``groups``: at most that many groups now (a server sends each group's tokens at once)."""
+        joining = sorted(self.joining, key=lambda s: len(s.ids))
+        done = 0
+        while joining and (groups is None or done < groups):
             group = [joining.pop(0)]
-            while joining and (len(group) + 1) * len(joining[0].ids) <= 2 * sum(len(s.ids) for s in group + joining[:1]):
+            while joining and fits(len(group) + 1, len(joining[0].ids), sum(len(s.ids) for s in group + joining[:1])):
                 group.append(joining.pop(0))
             self._prefill(group)
-        self._newcomers = self.running[len(self.running) - self._joined :] if self._joined else []
-        self._joined = 0
+            self._newcomers += group
+            done += 1
+        self.joining = joining
 
     @torch.no_grad()
     def decode(self) -> None:
@@ -211,7 +220,6 @@ class ContinuousBatch:
         r, k = len(self.running), len(group)
         self._make_room(r + k, max(self._length_needed(s) for s in group))
         self.running += group
-        self._joined += k
         lengths = torch.tensor([len(s.ids) for s in group], device=self.device)  # (k,)
         ids = torch.zeros(k, int(lengths.max()), dtype=torch.long, device=self.device)  # (k, P)
         for i, s in enumerate(group):

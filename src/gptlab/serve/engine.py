@@ -276,9 +276,9 @@ class GenerationWorker:
         return True
 
     def _step_batch(self, generating: list[Job], active: list[Job]) -> None:
-        """One batch step: the newcomers' prefill, their first tokens sent at once, then one token for the
-        others; each job's new events go to its client, and finished jobs leave."""
-        for phase in (self.batch.prefill, self.batch.decode):
+        """One batch step: the newcomers' prefill group by group, each group's first tokens sent at once, then
+        one token for the others; each job's new events go to its client, and finished jobs leave."""
+        for phase in self._phases():
             try:
                 phase()
             except Exception as e:  # the batch is in an unknown state: fail its requests, start afresh
@@ -298,6 +298,13 @@ class GenerationWorker:
                     generating.remove(job)
         for job in generating:
             job.steps += 1
+
+    def _phases(self) -> Iterator[Callable[[], None]]:
+        """A step's work in turns: each prefill group (its first tokens go out before the next group's
+        prefill), then the decoding of the others."""
+        while self.batch.joining:
+            yield lambda: self.batch.prefill(groups=1)
+        yield self.batch.decode
 
     def _drop(self, job: Job, active: list[Job]) -> None:
         for stream in job.streams:
