@@ -420,30 +420,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServeProcess:
+    """`gptlab serve --model RUN OPTIONS` in a subprocess on a free port, answering /health inside the block;
+    ``output`` holds what it printed once the block ends (tests/test_serve_batching.py uses it too)."""
+
+    def __init__(self, run, *options: str, env: dict | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "gptlab.cli", "serve", "--model", str(run), "--port",
+                                      str(self.port), *options], env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.output = ""
+
+    def up(self) -> bool:
+        try:
+            return httpx.get(self.url + "/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return self.proc.poll() is not None
+
+    def __enter__(self) -> "ServeProcess":
+        if not (wait_until(self.up, timeout=60) and self.proc.poll() is None):
+            self.__exit__()
+            raise AssertionError(f"gptlab serve did not start:\n{self.output}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.output = self.proc.communicate(timeout=20)[0]
+
+
 def test_gptlab_serve_command_end_to_end(lm_run):
-    port = free_port()
-    env = {**os.environ, "GPTLAB_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "gptlab.cli", "serve", "--model", str(lm_run), "--port", str(port),
-                             "--model-name", "cli-model"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            try:
-                return httpx.get(url + "/health", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return proc.poll() is not None
-
-        assert wait_until(up, timeout=60) and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
-        cli_client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    with ServeProcess(lm_run, "--model-name", "cli-model", env={**os.environ, "GPTLAB_API_KEY": KEY}) as srv:
+        cli_client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
         r = cli_client.chat.completions.create(model="cli-model", messages=[{"role": "user", "content": "Hi"}],
                                                max_tokens=4, temperature=0)
         assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens <= 4
-    finally:
-        proc.terminate()
-        output = proc.communicate(timeout=20)[0]
-    assert "serving cli-model (generator)" in output and f"http://127.0.0.1:{port}/" in output
+    assert "serving cli-model (generator)" in srv.output and f"http://127.0.0.1:{srv.port}/" in srv.output
 
 
 def test_engine_speaks_no_http():

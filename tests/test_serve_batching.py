@@ -10,8 +10,6 @@ import json
 import logging
 import math
 import os
-import subprocess
-import sys
 import time
 
 import httpx
@@ -27,6 +25,7 @@ from gptlab.model import GPTConfig, GPTModel
 from gptlab.run import save_model
 from gptlab.serve import BackgroundServer, ServedModel, ServeLimits, create_app
 from gptlab.tokenizer import GPT2Tokenizer
+from test_serve import ServeProcess, wait_until  # pytest puts tests/ on sys.path (its default import mode)
 
 KEY = "batch-key"
 LIMITS = ServeLimits(max_tokens=3000, default_max_tokens=12, max_n=3, max_active=8)
@@ -58,15 +57,6 @@ def chat_reference(served: ServedModel, content: str, max_tokens: int, **kwargs)
     style = served.prompt_style
     prompt = style.chat([{"role": "user", "content": content}])
     return generate_text(served.model, served.tokenizer, prompt, max_tokens, stop=style.stop, **kwargs)
-
-
-def wait_until(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 # ---- continuous batching over HTTP --------------------------------------------------------------
@@ -235,35 +225,12 @@ def test_gptlab_judge_runs_the_books_evaluation_against_gptlab_serve(tmp_path, c
     records = [{"instruction": f"Task {i}.", "input": "", "output": f"answer {i}", "model_response": "an answer"}
                for i in range(3)]
     (tmp_path / "responses.json").write_text(json.dumps(records))
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "GPTLAB_API_KEY"}
-    proc = subprocess.Popen([sys.executable, "-m", "gptlab.cli", "serve", "--model", str(judge_run), "--port",
-                             str(port), "--max-tokens-limit", "256"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            try:
-                return httpx.get(url + "/health", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return proc.poll() is not None
-
-        assert wait_until(up, timeout=60) and proc.poll() is None
-        code = main(["judge", "--input", str(tmp_path / "responses.json"), "--base-url", url + "/v1",
+    with ServeProcess(judge_run, "--max-tokens-limit", "256", env=env) as srv:
+        code = main(["judge", "--input", str(tmp_path / "responses.json"), "--base-url", srv.url + "/v1",
                      "--judge-model", "judge-lm", "--max-tokens", "4", "--quiet"])
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=20)
     assert code == 0
     assert "mean score 85.00/100 over 3 records" in capsys.readouterr().out
     judged = json.loads((tmp_path / "responses.judged.json").read_text())
     assert [r["judge_score"] for r in judged] == [85, 85, 85]
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

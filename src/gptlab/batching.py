@@ -201,6 +201,9 @@ class ContinuousBatch:
     def decode(self) -> None:
         """One token for every generation that was running before this step's prefill; drop the finished."""
         decoding = [s for s in self.running if s not in self._newcomers]
+        if any(s in self._newcomers for s in self.running[: len(decoding)]):
+            # a running row removed after prefill moved a newcomer into the rows the step reads
+            raise GptlabError("remove() a running generation before prefill() or after decode(), not between")
         self._newcomers = []
         if decoding:
             self._decode(decoding)
