@@ -331,7 +331,7 @@ class ServeLimits:
     max_request_bytes: int = field(default=1_000_000, metadata={"help": "largest request body in bytes"})
     max_n: int = field(default=4, metadata={"help": "most choices per prompt"})
     max_queue: int = field(default=64, metadata={"help": "requests that may wait; more get 503"})
-    max_active: int = field(default=8, metadata={"help": "generations interleaved at once"})
+    max_active: int = field(default=8, metadata={"help": "choices decoded at once, as one continuous batch"})
     # What one request may hold: each choice is a whole generation, so prompts x n is the request's cost.
     max_choices: int = field(default=16, metadata={"help": "most choices one request may ask for (prompts x n)"})
     max_texts: int = field(default=256, metadata={"help": "most texts one /v1/classify request may hold"})
