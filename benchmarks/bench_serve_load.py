@@ -11,8 +11,8 @@ finish_reason, a usage chunk and the final ``[DONE]``. Reported: requests/s, agg
 tokens/s percentiles, and how many responses completed (the script exits 1 if any did not).
 
 Unless ``--url`` is given the server is started as a subprocess (`gptlab serve`), once per ``--max-active``
-value, so the same load compares the worker's interleaving (8: round robin between requests) with a plain
-queue (1: one request at a time) in one run, as ratios less sensitive to a busy machine. ``--threads``
+value, so the same load compares the worker's continuous batch (8: up to 8 rows decoded together) with a
+plain queue (1: one request at a time) in one run, as ratios less sensitive to a busy machine. ``--threads``
 does the same for torch's thread count in the server (`gptlab serve --threads`):
 
     python benchmarks/bench_serve_load.py --clients 16 --duration 60 --max-active 8 --threads 2,1
