@@ -156,6 +156,20 @@ def test_the_ollama_client_chat_generate_and_model_routes(open_server, served):
     assert httpx.get(open_server.url + "/api/version").json()["version"]
 
 
+def test_ollama_streams_ndjson_lines_and_an_empty_prompt_just_loads(open_server, served):
+    url = open_server.url + "/api/generate"
+    r = httpx.post(url, json={"model": "tiny-lm", "prompt": "Rivers", "raw": True,
+                              "options": {"temperature": 0, "num_predict": 5}})
+    lines = [json.loads(line) for line in r.text.splitlines()]
+    assert r.headers["content-type"].startswith("application/x-ndjson") and len(lines) >= 2
+    assert not any(line["done"] for line in lines[:-1]) and lines[-1]["done"] and lines[-1]["eval_count"] == 5
+    assert "".join(line["response"] for line in lines) == generate_text(served.model, served.tokenizer, "Rivers", 5)
+    assert lines[-1]["done_reason"] == "length" and lines[-1]["total_duration"] >= lines[-1]["eval_duration"] > 0
+    (loaded,) = [json.loads(line) for line in httpx.post(url, json={"model": "tiny-lm"}).text.splitlines()]
+    assert loaded["done"] and loaded["done_reason"] == "load" and loaded["response"] == ""
+    assert httpx.post(url, json={"model": "tiny-lm", "stream": False}).json()["done_reason"] == "load"
+
+
 def test_ollama_errors_are_ollamas_shape(open_server, keyed_server):
     client = ollama.Client(host=open_server.url)
     with pytest.raises(ollama.ResponseError) as e:
