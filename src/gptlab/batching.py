@@ -46,7 +46,7 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 CACHE_LENGTH_STEP = 64  # the cache grows in positions by multiples of this (fewer reallocations)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two generations with the same tokens so far are still two
 class BatchedStream:
     """One generation in the batch: its tokens, settings, text so far, and the events not yet taken."""
 
