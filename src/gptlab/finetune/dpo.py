@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from gptlab import distributed
 from gptlab.config import DPOSettings, TrainConfig, dpo_training
 from gptlab.device import autocast, resolve_precision, select_device, to_device
 from gptlab.errors import GptlabError
@@ -120,7 +121,8 @@ def finetune_dpo(
     result = train(model, tokenizer, train_set, None, out, train_config, loss_fn=loss, collate_fn=collate,
                    eval_fn=columns, sample_fn=sample, meta=meta, resume=resume, progress=progress, overwrite=overwrite,
                    extra_files=stage_files)
-    plot_dpo_metrics(out, result.step, initial)
+    if distributed.is_main():  # under torchrun rank 0 alone writes into the run
+        plot_dpo_metrics(out, result.step, initial)
     val_losses = [float(r["val_loss"]) for r in result.history if r.get("val_loss") not in (None, "")]
     return replace(result, val_loss=val_losses[-1] if val_losses else None)
 
