@@ -17,7 +17,7 @@ import torch
 from gptlab import distributed
 from gptlab.config import LoRAConfig, TrainConfig
 from gptlab.data import TokenWindowDataset
-from gptlab.finetune.classifier import classification_loss
+from gptlab.finetune.classifier import classification_loss, finetune_classifier
 from gptlab.model import GPTConfig, GPTModel
 from gptlab.surgery import add_classifier_head, add_lora
 from gptlab.tokenizer import get_tokenizer
@@ -70,6 +70,15 @@ def run_job(spec: dict) -> None:
     seen: list = []
     if rank != 0:
         audit_writes(out, seen)
+    if "classifier_data" in spec:  # the whole stage, as `gptlab finetune-classifier` runs it
+        training = {"max_steps": 6, "batch_size": spec["batch_size"], "lr": 3e-3, "eval_interval": 3, "seed": 1,
+                    "device": "cpu"}
+        res = finetune_classifier(spec["classifier_data"], out, training, progress=False, preset="tiny",
+                                  split=(0.6, 0.2, 0.2))
+        name = result if rank == 0 else result.with_suffix(f".rank{rank}.json")
+        name.write_text(json.dumps({"writes": seen, "step": res.train.step,
+                                    "test_accuracy": res.reports["test"].accuracy}))
+        return
     torch.manual_seed(0)
     tokens = np.random.default_rng(0).integers(0, 50, 2700)
     model = GPTModel(GPTConfig.preset("tiny", vocab_size=50, context_length=16, dropout=spec.get("dropout", 0.0)))
@@ -88,8 +97,8 @@ def run_job(spec: dict) -> None:
         if m.training:
             if spec.get("raise_at") is not None and rank == 1 and len(losses) == spec["raise_at"]:
                 raise RuntimeError("rank 1 fails on purpose")
-            if spec.get("stop_at") is not None and len(losses) == spec["stop_at"]:
-                signal.raise_signal(signal.SIGINT)  # as a Ctrl-C reaches one rank: every rank stops together
+            if spec.get("stop_at") is not None and rank == 1 and len(losses) == spec["stop_at"]:
+                signal.raise_signal(signal.SIGINT)  # a Ctrl-C that reaches rank 1 alone: every rank stops
             losses.append(loss.item())
         return loss
 

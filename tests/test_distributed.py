@@ -6,6 +6,7 @@ The jobs are tests/dist_job.py, a few per launch (a launch costs seconds of impo
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from gptlab import distributed
@@ -61,23 +63,41 @@ def assert_same_run(tmp: Path, ref: str, ranks_run: str, ref_accum: int = 1, acc
 
 SINGLE = {"plain": {"batch_size": 8}, "cls": {"batch_size": 8, "classifier": True},
           "lora": {"batch_size": 8, "lora": True}, "accum": {"batch_size": 4, "grad_accum": 2}}
+WORDS = {"ham": "see you at lunch later ok home".split(), "spam": "win cash prize now free claim".split()}
+
+
+def write_labelled_texts(path: Path) -> str:
+    """80 texts whose words give their label away, of varied lengths (batches are padded): a 60% split trains
+    on 48, whole global batches of 8."""
+    rows = [(label, " ".join(WORDS[label][(i * 7 + j) % 6] for j in range(2 + i % 9)))
+            for i in range(40) for label in WORDS]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("label", "text"), *rows])
+    return str(path)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
-    single = launch(jobs(tmp, "s-", SINGLE), ranks=1)
+    texts = write_labelled_texts(tmp / "texts.csv")
+    single = launch(jobs(tmp, "s-", {**SINGLE, "stage": {"batch_size": 8, "classifier_data": texts}}), ranks=1)
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = launch(jobs(tmp, "d-", {
         "plain": {"batch_size": 4}, "accum": {"batch_size": 2, "grad_accum": 2},
         "cls": {"batch_size": 4, "classifier": True}, "lora": {"batch_size": 4, "lora": True},
+        "stage": {"batch_size": 4, "classifier_data": texts},
         "whole": {"batch_size": 4, "steps": 6, "dropout": 0.1},
         # rank 1 alone gets the Ctrl-C, in step 4; both ranks stop after it, then resume to step 6
         "split": {"batch_size": 4, "steps": 6, "dropout": 0.1, "stop_at": 3},
-    }) + jobs(tmp, "d-", {"split": {"batch_size": 4, "steps": 6, "dropout": 0.1, "resume": True}}))
+    }) + jobs(tmp, "d-", {"split": {"batch_size": 4, "steps": 6, "dropout": 0.1, "resume": True,
+                                    "result": str(tmp / "d-resumed.json")}}))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     fsdp = launch(jobs(tmp, "f-", {"plain": {"batch_size": 4, "fsdp": True},
-                                   "accum": {"batch_size": 2, "grad_accum": 2, "fsdp": True}}))
+                                   "accum": {"batch_size": 2, "grad_accum": 2, "fsdp": True},
+                                   "whole": {"batch_size": 4, "steps": 6, "dropout": 0.1, "fsdp": True},
+                                   "split": {"batch_size": 4, "steps": 6, "dropout": 0.1, "fsdp": True, "stop_at": 3}})
+                  + jobs(tmp, "f-", {"split": {"batch_size": 4, "steps": 6, "dropout": 0.1, "fsdp": True,
+                                               "resume": True, "result": str(tmp / "f-resumed.json")}}))
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     return tmp
 
@@ -98,14 +118,27 @@ def test_fsdp2_two_ranks_equal_one_process(runs):
     assert weights(run)["wte.weight"].shape == (50, 32)
 
 
-def test_ddp_stop_and_resume_equals_an_uninterrupted_run(runs):
-    stopped = json.loads((runs / "d-split.json").read_text())
-    assert stopped["step"] == 6 and not stopped["interrupted"]  # the result of the resumed half
-    with open(runs / "d-whole" / "metrics.csv") as f, open(runs / "d-split" / "metrics.csv") as g:
+def test_the_classifier_stage_under_two_ranks_equals_one_process(runs):
+    wa, wb = weights(runs / "s-stage"), weights(runs / "d-stage")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= TOL
+    a, b = (json.loads((runs / f"{name}.json").read_text()) for name in ("s-stage", "d-stage"))
+    assert a["step"] == b["step"] == 6 and a["test_accuracy"] == b["test_accuracy"]
+    assert json.loads((runs / "d-stage.rank1.json").read_text())["writes"] == []  # evaluation.json, plots: rank 0
+    assert (runs / "d-stage" / "evaluation.json").is_file()
+
+
+@pytest.mark.parametrize("kind", ["d", "f"])  # DDP, FSDP2 (its sharded state read back by every rank)
+def test_stop_and_resume_equals_an_uninterrupted_run(runs, kind):
+    for result in (f"{kind}-split.json", f"{kind}-split.rank1.json"):  # both stopped after step 4 (rank 1's signal)
+        stopped = json.loads((runs / result).read_text())
+        assert stopped["interrupted"] and stopped["step"] == 4
+    resumed = json.loads((runs / f"{kind}-resumed.json").read_text())
+    assert resumed["step"] == 6 and not resumed["interrupted"]
+    with open(runs / f"{kind}-whole" / "metrics.csv") as f, open(runs / f"{kind}-split" / "metrics.csv") as g:
         whole, split = list(csv.DictReader(f)), list(csv.DictReader(g))
     assert [r["step"] for r in split] == ["2", "4", "6"]
     assert [(r["train_loss"], r["val_loss"]) for r in whole] == [(r["train_loss"], r["val_loss"]) for r in split]
-    wa, wb = weights(runs / "d-whole"), weights(runs / "d-split")
+    wa, wb = weights(runs / f"{kind}-whole"), weights(runs / f"{kind}-split")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # dropout on: each rank's own RNG stream was restored
 
 
@@ -130,3 +163,34 @@ def test_ranks_read_disjoint_shares_of_one_global_order():
     shares = [list(EpochBatchSampler(20, 2, True, 7, rank=r, world=2)) for r in (0, 1)]
     assert [a + b for a, b in zip(*shares)] == one[:5]  # 20 // (2 x 2) = 5 global batches
     assert distributed.world_size() == 1 and distributed.mean(3.0) == 3.0 and distributed.any_rank(True)
+
+
+def gptlab_under_torchrun(args: list[str], ranks: int = 2) -> subprocess.Popen:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
+    return subprocess.Popen([*torchrun, "-m", "gptlab", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+
+
+def test_sigterm_to_torchrun_checkpoints_once_and_the_ranks_exit_0(tmp_path, verdict_path):
+    out = tmp_path / "run"
+    args = ["pretrain", "--data", str(verdict_path), "--preset", "tiny", "--out", str(out), "--batch-size", "2",
+            "--max-steps", "400", "--eval-interval", "2", "--sample-prompt", "", "--quiet", "--device", "cpu"]
+    launcher = gptlab_under_torchrun(args)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.csv").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGTERM)  # torchrun passes it on to every rank, as it does a Ctrl-C
+    stdout, stderr = launcher.communicate(timeout=90)
+    # every rank finished its step, rank 0 checkpointed once and said so (rank 1 prints nothing); no rank was
+    # killed: torchrun lists a rank that failed or that it had to kill with its exit code
+    assert stdout.count("stopped: step") == 1 and "continue with --resume" in stdout, stdout + stderr
+    assert "exitcode" not in stderr, stderr[-3000:]
+    step = int(stdout.split("stopped: step ")[1].split(",")[0])
+    assert 2 <= step < 400
+    with safe_open(out / "model.safetensors", "pt") as f:  # the checkpoint of the step it stopped after
+        assert int(f.metadata()["step"]) == step
+    assert launcher.returncode == 1  # torchrun's own: it re-raises the signal once its ranks have exited
+    # one process cannot continue what two started: the global batch and the data position depend on it
+    alone = subprocess.run([sys.executable, "-m", "gptlab", "pretrain", "--out", str(out), "--resume"],
+                           capture_output=True, text=True, env=ENV, timeout=120)
+    assert alone.returncode == 2 and "trained on 2 rank(s)" in alone.stderr, alone.stderr

@@ -662,7 +662,7 @@ def _ranks_joined() -> bool:
 
 
 def _rank_prefix() -> str:
-    return f"rank {os.environ['RANK']}: " if _ranks_joined() else ""
+    return f"rank {os.environ['RANK']}: " if _ranks_joined() and os.environ["RANK"] != "0" else ""
 
 
 class Terminated(KeyboardInterrupt):

@@ -34,8 +34,8 @@ from gptlab.files import atomic_write_text
 from gptlab.model import GPTModel
 from gptlab.plotting import plot_lines
 from gptlab.run import (
-    METRICS_FILE, PLOT_FILE, SHARDED_STATE_DIR, STATE_FILE, clear_run, load_model_weights, load_torch_file, model_files, model_state_dict,
-    recover_run_dir, write_run_files,
+    METRICS_FILE, PLOT_FILE, SHARDED_STATE_DIR, STATE_FILE, clear_run, load_model_weights, load_torch_file, model_files,
+    model_state_dict, recover_run_dir, write_run_files,
 )
 from gptlab.tokenizer import Tokenizer
 
@@ -325,7 +325,8 @@ class _Run:
     def train_row(self) -> dict:
         """The mean training loss since the last row, which it then resets; a non-finite one stops the run."""
         state = self.state
-        mean = (distributed.mean(self.loss_sum) if self.world > 1 else self.loss_sum.item()) / max(state["loss_count"], 1)
+        total = distributed.mean(self.loss_sum) if self.world > 1 else self.loss_sum.item()  # the ranks' mean
+        mean = total / max(state["loss_count"], 1)
         if not math.isfinite(mean):
             self._diverged(f"the mean training loss up to step {state['step']} is {mean}")
         row = {"step": state["step"], "epoch": f"{state['micro_step'] / self.batches_per_epoch:.3f}",
@@ -410,7 +411,7 @@ class _Run:
         if self.fsdp:  # every rank takes part: the full weights gather on rank 0, the shards go to disk
             full_state = distributed.full_state_dict(self.model)
             sharded = distributed.save_sharded(self.out_dir, step, self.model, self.optimizer)
-        else:
+        elif self.main:  # DDP: the ranks' replicas are equal
             payload.update(model={k: v.cpu() for k, v in model_state_dict(self.model).items()},  # LoRA: what trains
                            optimizer=self.optimizer.state_dict())
         if not self.main:
@@ -433,6 +434,16 @@ class _Run:
         self.last_checkpoint = step
 
     # ---- the loop -------------------------------------------------------------------------------
+
+    def _stopping(self, stop: _StopRequest) -> bool:
+        """Did a Ctrl-C or SIGTERM reach this process, or under several ranks any of them? (Then every rank
+        stops after the same step; that costs one small all-reduce per step.)"""
+        if self.world == 1:
+            return stop.requested
+        if distributed.any_rank(stop.requested):
+            stop.signum = stop.signum or signal.SIGTERM  # another rank's
+            return True
+        return False
 
     def run(self, progress: bool) -> bool:
         """Train to ``total_steps``; returns True when a stop was requested (the run is then checkpointed)."""
@@ -457,8 +468,7 @@ class _Run:
                         self.log_row(self.train_row(), bar)
                     if done:
                         return False
-                    if stop.requested if self.world == 1 else distributed.any_rank(stop.requested):
-                        stop.signum = stop.signum or signal.SIGTERM  # (another rank's)
+                    if self._stopping(stop):
                         if state["step"] % self.eval_interval:
                             self.checkpoint()
                         return True
