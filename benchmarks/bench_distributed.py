@@ -11,7 +11,10 @@ The configurations run interleaved (A, B, C, A, B, C, ...), and the table gives 
 - 2 ranks x 1 thread, batch/2 each (torchrun --nproc-per-node 2, gloo)
 - 1 process, 1 thread, the whole batch; and 1 process, 2 threads
 - with --compare-src: 1 process, 1 thread, the same job with another tree's gptlab (PYTHONPATH), to check that
-  the single-process path is as fast as before.
+  the single-process path is as fast as before (--ab-only: just these two rows).
+
+It also times one gloo all-reduce of as many floats as the model has trainable parameters: DDP's communication
+per step, without the overlap with the backward pass that DDP gets.
 """
 from __future__ import annotations
 
@@ -62,21 +65,30 @@ def worker(spec: dict) -> None:
     train(model, get_tokenizer("gpt2"), TokenWindowDataset(tokens, T, T), None, spec["out"], train_config,
           loss_fn=timed_loss, progress=False)
     gaps = [b - a for a, b in zip(starts[3:], starts[4:])]
+    result = {"step_s": statistics.median(gaps)}
+    if world > 1:  # the communication alone: one all-reduce of as many floats as the gradients
+        grads = torch.zeros(sum(p.numel() for p in model.parameters() if p.requires_grad))
+        times = []
+        for _ in range(6):
+            start = time.perf_counter()
+            torch.distributed.all_reduce(grads)
+            times.append(time.perf_counter() - start)
+        result["allreduce_s"] = statistics.median(times[1:])
     if distributed is None or distributed.is_main():
-        Path(spec["result"]).write_text(json.dumps({"step_s": statistics.median(gaps)}))
+        Path(spec["result"]).write_text(json.dumps(result))
     if distributed is not None:
         distributed.teardown()
 
 
-def run_config(name: str, spec: dict, tmp: Path, ranks: int, threads: int, src: Path) -> float:
+def run_config(name: str, spec: dict, tmp: Path, ranks: int, threads: int, src: Path) -> dict:
     spec = {**spec, "out": str(tmp / "run"), "result": str(tmp / "result.json")}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(src)}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
     cmd = [*(launcher if ranks > 1 else [sys.executable]), __file__, "--worker", json.dumps(spec)]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=1800)
-    step = json.loads(Path(spec["result"]).read_text())["step_s"]
+    result = json.loads(Path(spec["result"]).read_text())
     subprocess.run(["rm", "-rf", spec["out"]], check=True)
-    return step
+    return result
 
 
 def main() -> None:
@@ -86,6 +98,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compare-src", type=Path, help="another tree's src/ for a single-process A/B")
+    p.add_argument("--ab-only", action="store_true", help="with --compare-src: only the two single-process rows")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -93,13 +106,18 @@ def main() -> None:
     spec = {"preset": args.preset, "batch": args.batch, "steps": args.steps}
     configs = {"2 ranks x 1 thread (DDP, gloo)": (2, 1, SRC), "1 process, 1 thread": (1, 1, SRC),
                "1 process, 2 threads": (1, 2, SRC)}
+    if args.ab_only:
+        configs = {"1 process, 1 thread": (1, 1, SRC)}
     if args.compare_src:
         configs[f"1 process, 1 thread, {args.compare_src}"] = (1, 1, args.compare_src)
     times: dict[str, list[float]] = {name: [] for name in configs}
+    allreduce: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for name, (ranks, threads, src) in configs.items():
-                times[name].append(run_config(name, spec, Path(tmp), ranks, threads, src))
+                result = run_config(name, spec, Path(tmp), ranks, threads, src)
+                times[name].append(result["step_s"])
+                allreduce += [result["allreduce_s"]] if "allreduce_s" in result else []
                 print(f"round {r + 1}: {name}: {times[name][-1] * 1000:.0f} ms/step", file=sys.stderr)
     base = statistics.median(times["1 process, 1 thread"])
     print(f"preset {args.preset}, global batch {args.batch} x context, {args.steps} steps, "
@@ -108,6 +126,8 @@ def main() -> None:
     for name, values in times.items():
         m = statistics.median(values)
         print(f"{name:<48} {m * 1000:>8.0f} {base / m:>23.2f}x")
+    if allreduce:
+        print(f"one gloo all-reduce of the gradients' size, 2 ranks: {statistics.median(allreduce) * 1000:.0f} ms")
 
 
 if __name__ == "__main__":
