@@ -297,7 +297,7 @@ class _Run:
             self.scaler.scale(loss / self.config.grad_accum).backward()
         self.loss_sum += loss.detach()
         self.state["micro_step"] += 1
-        self.state["tokens_seen"] += batch[0].numel() * self.world  # every rank's batch is as large
+        self.state["tokens_seen"] += batch[0].numel() * self.world  # the ranks' batches: as large (padded: about)
         self.state["loss_count"] += 1
 
     def _gradient_sync(self, sync: bool):
