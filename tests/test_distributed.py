@@ -164,6 +164,9 @@ def test_ranks_read_disjoint_shares_of_one_global_order():
     shares = [list(EpochBatchSampler(20, 2, True, 7, rank=r, world=2)) for r in (0, 1)]
     assert [a + b for a, b in zip(*shares)] == one[:5]  # 20 // (2 x 2) = 5 global batches
     assert distributed.world_size() == 1 and distributed.mean(3.0) == 3.0 and distributed.any_rank(True)
+    # what the command reports in one line as "lost the other ranks", and what keeps its traceback (a bug)
+    assert distributed.lost_peers(RuntimeError("[gloo/transport/tcp/pair.cc:537] Connection reset by peer"))
+    assert not distributed.lost_peers(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
 def gptlab_under_torchrun(args: list[str], ranks: int = 2) -> subprocess.Popen:

@@ -703,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{signal.Signals(signum).name}: stopped", file=sys.stderr)
         return 128 + signum
     except RuntimeError as e:
-        if not _ranks_joined():
+        if not (_ranks_joined() and sys.modules["gptlab.distributed"].lost_peers(e)):
             raise
         # a collective that timed out or lost its peer: another rank failed (its own error says why) or hangs
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__

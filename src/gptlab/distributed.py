@@ -138,6 +138,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def lost_peers(error: BaseException) -> bool:
+    """Is ``error`` a collective that timed out or lost its peers (another rank died, or hangs)? Gloo raises a
+    plain RuntimeError that names itself; the others a ``torch.distributed.DistError``."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(w in text for w in ("gloo", "NCCL", "Connection reset"))
+
+
 def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
