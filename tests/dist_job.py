@@ -18,6 +18,7 @@ from gptlab import distributed
 from gptlab.config import LoRAConfig, TrainConfig
 from gptlab.data import TokenWindowDataset
 from gptlab.finetune.classifier import classification_loss, finetune_classifier
+from gptlab.finetune.dpo import DPOLoss
 from gptlab.model import GPTConfig, GPTModel
 from gptlab.surgery import add_classifier_head, add_lora
 from gptlab.tokenizer import get_tokenizer
@@ -58,6 +59,28 @@ class ClassWindows(torch.utils.data.Dataset):
         return x, torch.tensor(len(x)), torch.tensor(int(x[0]) % 2)  # ids, length, label
 
 
+class PairWindows(torch.utils.data.Dataset):
+    """Preference pairs for a DPO loss: window i is chosen over window i + n/2."""
+
+    def __init__(self, windows):
+        self.windows = windows
+
+    def __len__(self):
+        return len(self.windows) // 2
+
+    def __getitem__(self, i):
+        return self.windows[i], self.windows[i + len(self)]
+
+
+def collate_pairs(items):
+    """As ``collate_preferences``: the chosen rows, then the rejected; the targets' first half masked (the
+    prompt); the reference's log-probabilities 0."""
+    rows = [chosen for chosen, _ in items] + [rejected for _, rejected in items]
+    inputs, targets = torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows])  # (2B, T) each
+    targets[:, : targets.shape[1] // 2] = -100
+    return inputs, targets, torch.zeros(len(rows))
+
+
 def main() -> None:
     distributed.setup("cpu")
     for spec in json.loads(sys.argv[1]):
@@ -84,10 +107,12 @@ def run_job(spec: dict) -> None:
     model = GPTModel(GPTConfig.preset("tiny", vocab_size=50, context_length=16, dropout=spec.get("dropout", 0.0)))
     # 128 training and 32 validation windows: whole global batches of 8
     train_set, val_set = TokenWindowDataset(tokens[:2049], 16, 16), TokenWindowDataset(tokens[2100:2613], 16, 16)
-    loss_fn = lm_loss
+    loss_fn, collate = lm_loss, None
     if spec.get("classifier"):
         add_classifier_head(model, 2)
         train_set, val_set, loss_fn = ClassWindows(train_set), ClassWindows(val_set), classification_loss
+    if spec.get("dpo"):  # the DPO stage's loss: sequence log-probabilities through the model's forward
+        train_set, val_set, loss_fn, collate = PairWindows(train_set), PairWindows(val_set), DPOLoss(0.5), collate_pairs
     if spec.get("lora"):
         add_lora(model, LoRAConfig(rank=4, alpha=8), base_ref={})
     losses = []
@@ -105,7 +130,7 @@ def run_job(spec: dict) -> None:
     config = TrainConfig(max_steps=spec.get("steps", 4), batch_size=spec["batch_size"],
                          grad_accum=spec.get("grad_accum", 1), lr=3e-3, eval_interval=spec.get("eval_interval", 2),
                          seed=1, device="cpu", fsdp=spec.get("fsdp", False), eval_batches=3)
-    res = train(model, get_tokenizer("gpt2"), train_set, val_set, out, config, loss_fn=recorded,
+    res = train(model, get_tokenizer("gpt2"), train_set, val_set, out, config, loss_fn=recorded, collate_fn=collate,
                 resume=spec.get("resume", False), progress=False)
     name = result if rank == 0 else result.with_suffix(f".rank{rank}.json")
     name.write_text(json.dumps({"losses": losses, "writes": seen, "step": res.step, "val_loss": res.val_loss,

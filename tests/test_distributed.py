@@ -63,7 +63,8 @@ def assert_same_run(tmp: Path, ref: str, ranks_run: str, ref_accum: int = 1, acc
 
 
 SINGLE = {"plain": {"batch_size": 8}, "cls": {"batch_size": 8, "classifier": True},
-          "lora": {"batch_size": 8, "lora": True}, "accum": {"batch_size": 4, "grad_accum": 2}}
+          "lora": {"batch_size": 8, "lora": True}, "accum": {"batch_size": 4, "grad_accum": 2},
+          "dpo": {"batch_size": 8, "dpo": True}}
 WORDS = {"ham": "see you at lunch later ok home".split(), "spam": "win cash prize now free claim".split()}
 
 
@@ -86,7 +87,7 @@ def runs(tmp_path_factory):
     ddp = launch(jobs(tmp, "d-", {
         "plain": {"batch_size": 4}, "accum": {"batch_size": 2, "grad_accum": 2},
         "cls": {"batch_size": 4, "classifier": True}, "lora": {"batch_size": 4, "lora": True},
-        "stage": {"batch_size": 4, "classifier_data": texts},
+        "stage": {"batch_size": 4, "classifier_data": texts}, "dpo": {"batch_size": 4, "dpo": True},
         "whole": {"batch_size": 4, "steps": 6, "dropout": 0.1},
         # rank 1 alone gets the Ctrl-C, in step 4; both ranks stop after it, then resume to step 6
         "split": {"batch_size": 4, "steps": 6, "dropout": 0.1, "stop_at": 3},
@@ -108,6 +109,7 @@ def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(runs):
     assert_same_run(runs, "s-accum", "d-accum", ref_accum=2, accum=2)  # no_sync on the first micro-step
     assert_same_run(runs, "s-cls", "d-cls")  # the classifier stage's loss and head
     assert_same_run(runs, "s-lora", "d-lora")  # LoRA: frozen base, adapters averaged
+    assert_same_run(runs, "s-dpo", "d-dpo")  # DPO's loss: sequence log-probabilities through forward()
 
 
 def test_fsdp2_two_ranks_equal_one_process(runs):

@@ -509,6 +509,7 @@ def train(
         clear_run(out_dir)
     tokens_before, start = run.state["tokens_seen"], time.perf_counter()
     interrupted = run.run(progress)
+    distributed.barrier()  # every rank returns once rank 0 has written the last checkpoint: a stage reads it
     elapsed = time.perf_counter() - start
     tokens = run.state["tokens_seen"] - tokens_before  # this invocation's, also after a resume
     log.info("%s after %d steps, %d tokens in this run, %.1f s (%.0f tokens/s)",
