@@ -124,15 +124,6 @@ def gather(obj):
     return out
 
 
-def broadcast(obj):
-    """Rank 0's ``obj`` on every rank."""
-    if not active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def barrier() -> None:
     if active():
         dist.barrier()
