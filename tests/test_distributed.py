@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 import dist_job  # tests/dist_job.py (pytest puts tests/ on the path)
 from gptlab import distributed
 from gptlab.data import EpochBatchSampler
+from gptlab.errors import GptlabError
 
 JOB = Path(__file__).with_name("dist_job.py")
 TOL = 1e-5
@@ -161,7 +162,7 @@ def test_a_raising_rank_fails_the_job_quickly(tmp_path):
     assert "rank 1 fails on purpose" in result.stderr
 
 
-def test_ranks_read_disjoint_shares_of_one_global_order():
+def test_ranks_read_disjoint_shares_of_one_global_order(monkeypatch):
     one = list(EpochBatchSampler(20, 4, True, 7))
     shares = [list(EpochBatchSampler(20, 2, True, 7, rank=r, world=2)) for r in (0, 1)]
     assert [a + b for a, b in zip(*shares)] == one[:5]  # 20 // (2 x 2) = 5 global batches
@@ -169,6 +170,11 @@ def test_ranks_read_disjoint_shares_of_one_global_order():
     # what the command reports in one line as "lost the other ranks", and what keeps its traceback (a bug)
     assert distributed.lost_peers(RuntimeError("[gloo/transport/tcp/pair.cc:537] Connection reset by peer"))
     assert not distributed.lost_peers(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    monkeypatch.setenv("GPTLAB_DIST_TIMEOUT", "90")
+    assert distributed.timeout_s() == 90.0
+    monkeypatch.setenv("GPTLAB_DIST_TIMEOUT", "soon")
+    with pytest.raises(GptlabError, match="GPTLAB_DIST_TIMEOUT='soon'"):
+        distributed.timeout_s()
 
 
 def gptlab_under_torchrun(args: list[str], ranks: int = 2) -> subprocess.Popen:
