@@ -22,6 +22,9 @@ from gptlab.errors import GptlabError
 
 TIMEOUT_ENV = "GPTLAB_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 60.0
+# Under NCCL, the stop flag that every step exchanges (and the random states a checkpoint gathers) go over a
+# gloo group on the CPU: a flag on the GPU would make each step wait for the GPU to finish its queue.
+_control_group = None
 
 
 def launched() -> bool:
@@ -75,14 +78,19 @@ def setup(device: str = "auto") -> bool:
             raise GptlabError(f"LOCAL_RANK {local_rank()} but this machine has {torch.cuda.device_count()} CUDA "
                               f"GPU(s): give torchrun --nproc-per-node at most that")
         torch.cuda.set_device(local_rank())
-    dist.init_process_group("nccl" if use_cuda else "gloo",
-                            timeout=datetime.timedelta(seconds=timeout_s()))
+    timeout = datetime.timedelta(seconds=timeout_s())
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+    if use_cuda:
+        global _control_group
+        _control_group = dist.new_group(backend="gloo", timeout=timeout)
     return True
 
 
 def teardown() -> None:
+    global _control_group
     if active():
         dist.destroy_process_group()
+    _control_group = None
 
 
 def rank_device(device: torch.device) -> torch.device:
@@ -110,8 +118,8 @@ def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any: a stop that one rank saw (its Ctrl-C, SIGTERM)."""
     if not active():
         return flag
-    t = torch.tensor([1 if flag else 0], device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([1 if flag else 0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group)
     return bool(t.item())
 
 
@@ -120,7 +128,7 @@ def gather(obj):
     if not active():
         return [obj]
     out = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_control_group)
     return out
 
 
