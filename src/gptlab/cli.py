@@ -104,7 +104,10 @@ def train_options(args: argparse.Namespace) -> dict:
 
 
 def stopped_status(result) -> int:
-    """A run stopped by a signal exits as the shell reports one: 128 + its number (SIGINT 130, SIGTERM 143)."""
+    """A run stopped by a signal exits as the shell reports one: 128 + its number (SIGINT 130, SIGTERM 143).
+    Under torchrun 0: the stop is the plan (every rank checkpointed), and the launcher takes non-zero as a failure."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return 0
     return 128 + (result.stop_signal or 2) if result.interrupted else 0
 
 
@@ -640,6 +643,28 @@ def prepare_process(command: str) -> None:
         keep_freed_memory_mapped()
 
 
+def join_ranks(args: argparse.Namespace) -> None:
+    """Under torchrun, a training command joins the other ranks (``gptlab.distributed.setup``); ranks other
+    than 0 then print nothing but their own errors and warnings."""
+    if args.command not in TRAINING_COMMANDS or not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+        return
+    from gptlab import distributed
+
+    distributed.setup(getattr(args, "device", "auto"))
+    if not distributed.is_main():
+        logging.getLogger("gptlab").setLevel(logging.WARNING)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+
+
+def _ranks_joined() -> bool:
+    module = sys.modules.get("gptlab.distributed")  # imported only by a command that joined (or trains)
+    return module is not None and module.active()
+
+
+def _rank_prefix() -> str:
+    return f"rank {os.environ['RANK']}: " if _ranks_joined() and os.environ["RANK"] != "0" else ""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that half-written files are removed on the way out."""
 
@@ -661,9 +686,10 @@ def main(argv: list[str] | None = None) -> int:
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         prepare_process(args.command)
+        join_ranks(args)
         return args.run(args) or 0
     except GptlabError as e:
-        print(f"gptlab {args.command}: error: {e}", file=sys.stderr)
+        print(f"gptlab {args.command}: error: {_rank_prefix()}{e}", file=sys.stderr)
         return 2
     except (FileExistsError, NotADirectoryError) as e:  # mkdir met a file where a directory has to go
         print(f"gptlab {args.command}: error: {e.filename}: a file stands where a directory has to be created; "
@@ -676,9 +702,21 @@ def main(argv: list[str] | None = None) -> int:
         signum = getattr(e, "signum", signal.SIGINT)
         print(f"\n{signal.Signals(signum).name}: stopped", file=sys.stderr)
         return 128 + signum
+    except RuntimeError as e:
+        if not (_ranks_joined() and sys.modules["gptlab.distributed"].lost_peers(e)):
+            raise
+        # a collective that timed out or lost its peer: another rank failed (its own error says why) or hangs
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        print(f"gptlab {args.command}: error: {_rank_prefix()}the ranks lost each other ({first}); see the first "
+              f"rank's error above", file=sys.stderr)
+        return 1
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
+        if _ranks_joined():
+            from gptlab.distributed import teardown
+
+            teardown()
 
 
 if __name__ == "__main__":

@@ -140,6 +140,9 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the model: for GPUs, after a warm-up. On the CPU it loses gptlab's oneDNN kernels "
                 "(0.55x the default at the 124M shape; BENCHMARKS.md)"})
+    fsdp: bool = field(default=False, metadata={
+        "help": "under torchrun, shard the weights, gradients and optimizer state over the ranks (FSDP2) instead "
+                "of a full copy on each (DDP); README: Train on several GPUs or machines"})
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "eval_interval", "log_interval", "eval_batches", "eval_train_batches"):

@@ -191,17 +191,28 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     Because the order of epoch ``e`` depends on nothing else, training can restart at any batch of any
     epoch (``set_position``) and see exactly the batches an uninterrupted run would have seen.
+
+    Under several ranks (``rank`` of ``world``) every batch of the one global order is ``batch_size x world``
+    indices, of which each rank takes its own ``batch_size``: the ranks read disjoint shares of what one
+    process with ``batch_size x world`` would read. An incomplete last global batch is then left out (a
+    rank's share could be empty); one process keeps it.
     """
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int) -> None:
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1) -> None:
         if batch_size <= 0:
             raise GptlabError(f"batch size must be positive, got {batch_size}")
         if n == 0:
             raise GptlabError("dataset is empty")
+        if world > 1 and n < batch_size * world:
+            raise GptlabError(f"the dataset has {n} examples, fewer than one global batch (batch size {batch_size} x "
+                              f"{world} ranks): use a smaller --batch-size or fewer ranks")
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world = rank, world
         self.epoch, self.start = 0, 0
 
     def __len__(self) -> int:
+        if self.world > 1:
+            return self.n // (self.batch_size * self.world)
         return -(-self.n // self.batch_size)
 
     def set_position(self, epoch: int, start_batch: int = 0) -> None:
@@ -212,5 +223,7 @@ class EpochBatchSampler(Sampler[list[int]]):
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         else:
             order = list(range(self.n))
+        size = self.batch_size * self.world
         for b in range(self.start, len(self)):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+            first = b * size + self.rank * self.batch_size  # this rank's share of global batch b
+            yield order[first : first + self.batch_size]

@@ -228,6 +228,15 @@ class GPTModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once
 
+    def _target_logprobs(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(target) at each position of hidden states ``x`` (B, T, C); 0 where the target is -100. The head
+        runs only where there is a target: in a DPO pair the prompt and the padding are most positions."""
+        scored = targets != -100  # (B, T)
+        logits = self.lm_head(x[scored])  # (M, V), M = the scored positions of all rows
+        token_logps = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)  # (B, T)
+        token_logps[scored] = -F.cross_entropy(logits.float(), targets[scored], reduction="none")  # (M,)
+        return token_logps
+
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | RaggedKVCache | None = None) -> torch.Tensor:
         """Token ids (B, T) to final normalised hidden states (B, T, C)."""
         B, T = idx.shape
@@ -244,16 +253,20 @@ class GPTModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | RaggedKVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, per_token: bool = False) -> torch.Tensor:
         """Token ids (B, T) to logits (B, T, V), or with ``targets`` (B, T) to the mean next-token loss.
 
         Targets of -100 are ignored (padding, masked prompts). ``last_only`` computes only the final
-        position's logits (B, 1, V).
+        position's logits (B, 1, V). ``per_token`` (with ``targets``): each target's log-probability instead
+        (B, T), 0 where ignored (DPO scores sequences with it). Both losses go through ``forward``, so that a
+        DDP or FSDP wrapper sees the whole computation.
         """
         if isinstance(targets, KVCache):
             raise TypeError("GPTModel's second argument is the targets: pass the cache by name, "
                             "model(idx, cache=cache)")
         x = self.hidden_states(idx, cache)  # (B, T, C)
+        if targets is not None and per_token:
+            return self._target_logprobs(x, targets)  # (B, T)
         if targets is not None:
             return lm_head_loss(x, self.lm_head, targets)  # a scalar
         if last_only:

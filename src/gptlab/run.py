@@ -8,6 +8,7 @@
                          config.json's "base" names the frozen base and the fingerprint of its weights
       tokenizer/         only for tokenizers that are not built in (``config.json`` then says "tokenizer")
       train_state.pt     weights + optimizer + schedule + RNG + data position, for exact ``--resume``
+      train_state.dcp/   beside it in an --fsdp run: the weights and optimizer, sharded, written by every rank
       metrics.csv        one row per evaluation: step, tokens_seen, train_loss, val_loss, ...
       loss.png           train and validation loss against tokens seen
       (stage outputs)    test.json, val.json (instruct); evaluation.json, accuracy.png, confusion_matrix.png
@@ -55,6 +56,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_FILE = "adapter.safetensors"  # a LoRA run's weights: what trained, not the base
 STATE_FILE = "train_state.pt"
+SHARDED_STATE_DIR = "train_state.dcp"  # an --fsdp run's weights and optimizer, sharded (torch.distributed.checkpoint)
 METRICS_FILE = "metrics.csv"
 PLOT_FILE = "loss.png"
 TOKENIZER_DIR = "tokenizer"
@@ -75,22 +77,24 @@ T = TypeVar("T")
 Writer = Callable[[Path], None]
 
 
-def model_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
+def model_state_dict(model: GPTModel, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The weights to store: contiguous tensors, a tied head left out (safetensors refuses shared storage).
 
     Of a model with LoRA adapters only what trains: the adapters and a classifier's head (``trained_names``).
+    ``state``: the model's full state gathered elsewhere (from FSDP's shards), else ``model.state_dict()``.
     """
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     if getattr(model, "lora", None) is not None:
         state = {k: state[k] for k in trained_names(model)}
     elif model.lm_head.weight is model.wte.weight:
-        state.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)  # (FSDP's gathered state may hold it once already)
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
 def model_files(model: GPTModel, tokenizer: Tokenizer, meta: dict | None = None,
-                step: int | None = None) -> dict[str, Writer]:
-    """The writers of ``config.json``, ``model.safetensors`` (and the tokenizer if it is not built in)."""
+                step: int | None = None, state: dict[str, torch.Tensor] | None = None) -> dict[str, Writer]:
+    """The writers of ``config.json``, ``model.safetensors`` (and the tokenizer if it is not built in);
+    ``state`` as in ``model_state_dict``."""
     tokenizer_ref = tokenizer.name
     files: dict[str, Writer] = {}
     if tokenizer.name not in BUILTIN_TOKENIZERS:
@@ -101,7 +105,7 @@ def model_files(model: GPTModel, tokenizer: Tokenizer, meta: dict | None = None,
     text = json.dumps({"model": model.config.to_dict(), "tokenizer": tokenizer_ref, **(meta or {}), **adapter},
                       indent=2) + "\n"
     files[CONFIG_FILE] = lambda path: path.write_text(text, encoding="utf-8")
-    state = {k: v.cpu() for k, v in model_state_dict(model).items()}
+    state = {k: v.cpu() for k, v in model_state_dict(model, state).items()}
     metadata = {"format": "pt", **({"step": str(step)} if step is not None else {})}
     files[ADAPTER_FILE if lora is not None else WEIGHTS_FILE] = lambda path: save_file(state, path, metadata=metadata)
     return files
@@ -237,6 +241,7 @@ def clear_run(run_dir: str | Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
     if saved_tokenizer and (run_dir / TOKENIZER_DIR).is_dir():
         shutil.rmtree(run_dir / TOKENIZER_DIR)
+    shutil.rmtree(run_dir / SHARDED_STATE_DIR, ignore_errors=True)
 
 
 def _stored_tokenizer_ref(run_dir: Path) -> str | None:

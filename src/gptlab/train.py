@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from gptlab import distributed
 from gptlab.config import TrainConfig
 from gptlab.data import EpochBatchSampler
 from gptlab.device import autocast, resolve_precision, select_device, to_device
@@ -33,8 +34,8 @@ from gptlab.files import atomic_write_text
 from gptlab.model import GPTModel
 from gptlab.plotting import plot_lines
 from gptlab.run import (
-    METRICS_FILE, PLOT_FILE, STATE_FILE, clear_run, load_model_weights, load_torch_file, model_files, model_state_dict,
-    recover_run_dir, write_run_files,
+    METRICS_FILE, PLOT_FILE, SHARDED_STATE_DIR, STATE_FILE, clear_run, load_model_weights, load_torch_file, model_files,
+    model_state_dict, recover_run_dir, write_run_files,
 )
 from gptlab.tokenizer import Tokenizer
 
@@ -96,27 +97,50 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.de
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=fused)
 
 
-@torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, loader: DataLoader, loss_fn: LossFn, device: torch.device,
                   dtype: torch.dtype | None = None, max_batches: int | None = None) -> float:
     """Mean loss over (up to ``max_batches``) batches of ``loader``, in eval mode."""
+    total, count = score_share(model, loader, loss_fn, device, dtype, max_batches)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def score_share(model: torch.nn.Module, loader: DataLoader, loss_fn: LossFn, device: torch.device,
+                dtype: torch.dtype | None = None, max_batches: int | None = None, rank: int = 0,
+                world: int = 1) -> tuple[float, int]:
+    """``(sum of batch losses, batches)`` over this rank's share (batches ``rank``, ``rank + world``, ...) of
+    the first ``max_batches`` batches of ``loader``, in eval mode; summed over the ranks, one process's.
+
+    Every rank runs the same number of forwards (an FSDP forward gathers weights from all of them): a rank
+    with one batch fewer scores its last again and leaves it out.
+    """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, last = 0.0, 0, None
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
+        if i % world != rank:
+            continue
         with autocast(device, dtype):
             total += loss_fn(model, to_device(batch, device)).item()
-        count += 1
+        count, last = count + 1, batch
+    if world > 1:
+        n = len(loader) if max_batches is None else min(len(loader), max_batches)
+        for _ in range(-(-n // world) - count):
+            with autocast(device, dtype):
+                loss_fn(model, to_device(last, device))
     model.train(was_training)
-    return total / max(count, 1)
+    return total, count
 
 
 class _StopRequest:
     """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so it can checkpoint and exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, repeat_aborts: bool = True) -> None:
+        # Under torchrun a Ctrl-C reaches each rank twice (from the terminal and from the launcher), and the
+        # launcher kills what has not stopped after its own timeout: a repeat is not an abort there.
+        self.repeat_aborts = repeat_aborts
         self.requested = False
         self.signum: int | None = None
         self._previous: dict = {}
@@ -124,10 +148,13 @@ class _StopRequest:
     def __enter__(self):
         def handler(signum, frame):
             if self.requested:  # a second Ctrl-C means now
-                raise Interrupted(signum)
+                if self.repeat_aborts:
+                    raise Interrupted(signum)
+                return
             self.requested, self.signum = True, signum
-            tqdm.write(f"\n{signal.Signals(signum).name} received: saving a checkpoint, then stopping "
-                       "(again to abort without saving)")
+            if distributed.is_main():
+                tqdm.write(f"\n{signal.Signals(signum).name} received: saving a checkpoint, then stopping "
+                           "(again to abort without saving)")
 
         with contextlib.suppress(ValueError):  # signals can only be set from the main thread
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -182,13 +209,17 @@ class _Run:
         self.model, self.tokenizer, self.out_dir, self.config = model, tokenizer, out_dir, config
         self.extra_files = dict(extra_files or {})
         self.loss_fn, self.eval_fn, self.sample_fn = loss_fn, eval_fn, sample_fn
-        self.device = select_device(config.device)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.main = self.rank == 0  # the one rank that writes files, logs and draws the progress bar
+        self.fsdp = config.fsdp and self.world > 1
+        self.device = distributed.rank_device(select_device(config.device))
         self.amp_dtype = resolve_precision(config.precision, self.device)
         model.to(self.device).train()
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
+        torch.manual_seed(config.seed + self.rank)  # each rank its own dropout masks; rank 0 those of one process
+        random.seed(config.seed + self.rank)
 
-        self.sampler = EpochBatchSampler(len(train_data), config.batch_size, config.shuffle, config.seed)
+        self.sampler = EpochBatchSampler(len(train_data), config.batch_size, config.shuffle, config.seed,
+                                         self.rank, self.world)
         # Their own generators: a DataLoader iterator otherwise draws a seed from the global RNG, which would
         # shift every dropout mask after a resume (it starts a new iterator mid-epoch).
         self.loader = DataLoader(train_data, batch_sampler=self.sampler, collate_fn=collate_fn,
@@ -207,19 +238,34 @@ class _Run:
         self.total_steps = config.max_steps or max(1, int(config.epochs * self.batches_per_epoch) // config.grad_accum)
         self.eval_interval = config.eval_interval or steps_per_epoch  # None: once per epoch
 
-        self.optimizer = make_optimizer(model, config, self.device)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if trainable < model.num_parameters():
             log.info("training %s of the model's %s parameters", f"{trainable:,}", f"{model.num_parameters():,}")
+        if self.world > 1:
+            log.info("%d ranks (%s): global batch %d = batch size %d x grad accum %d x %d ranks",
+                     self.world, "FSDP" if self.fsdp else "DDP", config.batch_size * config.grad_accum * self.world,
+                     config.batch_size, config.grad_accum, self.world)
+        if self.fsdp:  # shard before the optimizer is made: it then holds each rank's shards only
+            distributed.shard_model(model)
+        self.optimizer = make_optimizer(model, config, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.forward_model = torch.compile(model) if config.compile else model
+        # eval_model scores (a DDP forward in eval mode would still broadcast buffers); forward_model trains
+        self.eval_model = torch.compile(model) if config.compile else model
+        self.forward_model = self.eval_model
+        if self.world > 1 and not self.fsdp:
+            self.forward_model = distributed.data_parallel(self.eval_model, self.device)
 
         # The schedule's length is fixed when the run starts: a resume given more steps trains on past it at
         # the final learning rate, so the steps already taken stay exactly what they were.
         self.schedule_steps = self.total_steps
         self.state = {"step": 0, "micro_step": 0, "tokens_seen": 0, "loss_sum": 0.0, "loss_count": 0}
         if resume:
-            self.state = _load_state(out_dir, model, self.optimizer, self.scaler, self.device)
+            self.state = _load_state(out_dir, model, self.optimizer, self.scaler, self.device, self.fsdp)
+            trained_on = self.state.get("world_size", 1)
+            if trained_on != self.world:
+                raise GptlabError(f"{out_dir}: the run was trained on {trained_on} rank(s), this is {self.world}: the "
+                                  f"global batch and the data position depend on it; resume with torchrun "
+                                  f"--nproc-per-node {trained_on} in all (or without torchrun if 1)")
             planned = self.state.get("total_steps", self.total_steps)
             if self.total_steps < planned:
                 raise GptlabError(f"{out_dir}: the run was started for {planned} steps; --max-steps/--epochs may "
@@ -229,6 +275,8 @@ class _Run:
                      if self.total_steps > self.schedule_steps else "")
             log.info("resuming %s at step %d of %d%s", out_dir, self.state["step"], self.total_steps, extra)
         self.state.update(total_steps=self.total_steps, schedule_steps=self.schedule_steps)
+        if self.world > 1:
+            self.state["world_size"] = self.world
         # the running loss stays on the device: reading it is a host sync, done only when a row is logged
         self.loss_sum = torch.tensor(float(self.state["loss_sum"]), device=self.device)
         self.metrics = MetricsLog(out_dir / METRICS_FILE, self.state["step"] if resume else None)
@@ -241,13 +289,23 @@ class _Run:
 
     def micro_step(self, batch) -> None:
         batch = to_device(batch, self.device)
-        with autocast(self.device, self.amp_dtype):
-            loss = self.loss_fn(self.forward_model, batch)
-        self.scaler.scale(loss / self.config.grad_accum).backward()
+        # several ranks average their gradients on the last micro-step of an accumulation only
+        last = (self.state["micro_step"] + 1) % self.config.grad_accum == 0
+        with self._gradient_sync(last):
+            with autocast(self.device, self.amp_dtype):
+                loss = self.loss_fn(self.forward_model, batch)
+            self.scaler.scale(loss / self.config.grad_accum).backward()
         self.loss_sum += loss.detach()
         self.state["micro_step"] += 1
-        self.state["tokens_seen"] += batch[0].numel()
+        self.state["tokens_seen"] += batch[0].numel() * self.world  # the ranks' batches: as large (padded: about)
         self.state["loss_count"] += 1
+
+    def _gradient_sync(self, sync: bool):
+        if self.world == 1 or sync:
+            return contextlib.nullcontext()
+        if self.fsdp:
+            return distributed.fsdp_no_sync(self.model)
+        return self.forward_model.no_sync()
 
     def optimizer_step(self) -> float:
         lr = lr_at(self.state["step"], self.schedule_steps, self.config)
@@ -267,7 +325,8 @@ class _Run:
     def train_row(self) -> dict:
         """The mean training loss since the last row, which it then resets; a non-finite one stops the run."""
         state = self.state
-        mean = self.loss_sum.item() / max(state["loss_count"], 1)
+        total = distributed.mean(self.loss_sum) if self.world > 1 else self.loss_sum.item()  # the ranks' mean
+        mean = total / max(state["loss_count"], 1)
         if not math.isfinite(mean):
             self._diverged(f"the mean training loss up to step {state['step']} is {mean}")
         row = {"step": state["step"], "epoch": f"{state['micro_step'] / self.batches_per_epoch:.3f}",
@@ -289,31 +348,44 @@ class _Run:
 
     def log_row(self, row: dict, bar, write: bool = True) -> None:
         try:
-            self.metrics.append(row, write)
+            self.metrics.append(row, write and self.main)
         except GptlabError as e:  # a full disk: say what survives
             raise GptlabError(f"{e}; {self._kept()}") from None
-        bar.set_postfix(loss=row["train_loss"], lr=row["lr"])
+        if self.main:
+            bar.set_postfix(loss=row["train_loss"], lr=row["lr"])
 
     def evaluate_and_checkpoint(self, bar) -> None:
         row = self.train_row()
         if self.val_loader is not None:
-            self.last_val = evaluate_loss(self.forward_model, self.val_loader, self.loss_fn, self.device,
-                                          self.amp_dtype, self.config.eval_batches)
+            self.last_val = self._evaluate(self.val_loader, self.config.eval_batches)
             if not math.isfinite(self.last_val):
                 self._diverged(f"the validation loss at step {self.state['step']} is {self.last_val}")
             row.update(val_loss=f"{self.last_val:.4f}", val_ppl=f"{math.exp(min(self.last_val, 50)):.2f}")
         if self.train_eval_loader is not None:
-            train_eval = evaluate_loss(self.forward_model, self.train_eval_loader, self.loss_fn, self.device,
-                                       self.amp_dtype, self.config.eval_train_batches)
+            train_eval = self._evaluate(self.train_eval_loader, self.config.eval_train_batches)
             row.update(train_eval_loss=f"{train_eval:.4f}")
         if self.eval_fn is not None:
             row.update({k: f"{v:.4f}" for k, v in self._in_eval_mode(self.eval_fn).items()})
         self.log_row(row, bar, write=False)  # the checkpoint below writes metrics.csv with its set
         extras = " ".join(f"{k} {v}" for k, v in row.items() if k not in ("epoch", "lr", "step", "tokens_seen"))
-        tqdm.write(f"step {row['step']:>6} | tokens {row['tokens_seen']:>9} | {extras}")
-        if self.sample_fn is not None:
-            tqdm.write(f"  sample: {self._in_eval_mode(self.sample_fn)!r}")
+        if self.main:
+            tqdm.write(f"step {row['step']:>6} | tokens {row['tokens_seen']:>9} | {extras}")
+        if self.sample_fn is not None:  # on every rank: a sharded model generates only with all of them
+            sample = self._in_eval_mode(self.sample_fn)
+            if self.main:
+                tqdm.write(f"  sample: {sample!r}")
         self.checkpoint()
+
+    def _evaluate(self, loader: DataLoader, max_batches: int | None) -> float:
+        """The mean loss over ``loader``'s first batches, each rank scoring its share of them; ``max_batches``
+        counts global batches (``batch_size x world``), as one process with that batch size would."""
+        if max_batches is not None:
+            max_batches *= self.world
+        total, count = score_share(self.eval_model, loader, self.loss_fn, self.device, self.amp_dtype, max_batches,
+                                   self.rank, self.world)
+        if self.world > 1:
+            total, count = distributed.total(total), distributed.total(count)
+        return total / max(count, 1)
 
     def _in_eval_mode(self, fn):
         self.model.eval()
@@ -326,18 +398,29 @@ class _Run:
         """One set of files, all of this step (``gptlab.run.write_run_files``): the resumable state, the
         weights and config for the using stages, metrics.csv and loss.png, and the stage's extra files."""
         step = self.state["step"]
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):  # never save weights that are lost
+        finite = all(torch.isfinite(p).all() for p in self.model.parameters())  # never save weights that are lost
+        if distributed.any_rank(not finite) if self.world > 1 else not finite:  # (FSDP: each rank has its shards)
             self._diverged(f"the weights after step {step} are not finite")
-        payload = {
-            "state": {**self.state, "loss_sum": self.loss_sum.item()},
-            "model": {k: v.cpu() for k, v in model_state_dict(self.model).items()},  # a LoRA model's: what trains
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        }
-        files = model_files(self.model, self.tokenizer, self.meta, step)
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        payload = {"state": {**self.state, "loss_sum": self.loss_sum.item()}, "scaler": self.scaler.state_dict(),
+                   "rng": rng}
+        full_state, sharded = None, None
+        if self.world > 1:
+            payload["rng_ranks"] = distributed.gather(rng)  # each rank's dropout stream, for an exact resume
+        if self.fsdp:  # every rank takes part: the full weights gather on rank 0, the shards go to disk
+            full_state = distributed.full_state_dict(self.model)
+            sharded = distributed.save_sharded(self.out_dir, step, self.model, self.optimizer)
+        elif self.main:  # DDP: the ranks' replicas are equal
+            payload.update(model={k: v.cpu() for k, v in model_state_dict(self.model).items()},  # LoRA: what trains
+                           optimizer=self.optimizer.state_dict())
+        if not self.main:
+            self.last_checkpoint = step
+            return
+        files = model_files(self.model, self.tokenizer, self.meta, step, state=full_state)
         files[STATE_FILE] = lambda path: torch.save(payload, path)
+        if sharded is not None:  # written by all ranks beside the run: moved into this set
+            files[SHARDED_STATE_DIR] = lambda path: sharded.replace(path)
         texts = dict(self.extra_files)
         if self.metrics.rows:
             texts[METRICS_FILE] = self.metrics.text()
@@ -352,12 +435,22 @@ class _Run:
 
     # ---- the loop -------------------------------------------------------------------------------
 
+    def _stopping(self, stop: _StopRequest) -> bool:
+        """Did a Ctrl-C or SIGTERM reach this process, or under several ranks any of them? (Then every rank
+        stops after the same step; that costs one small all-reduce per step.)"""
+        if self.world == 1:
+            return stop.requested
+        if distributed.any_rank(stop.requested):
+            stop.signum = stop.signum or signal.SIGTERM  # another rank's
+            return True
+        return False
+
     def run(self, progress: bool) -> bool:
         """Train to ``total_steps``; returns True when a stop was requested (the run is then checkpointed)."""
         state, config = self.state, self.config
-        bar = tqdm(total=self.total_steps, initial=state["step"], desc="training", unit="step", disable=not progress,
-                   dynamic_ncols=True)
-        with bar, _StopRequest() as stop:
+        bar = tqdm(total=self.total_steps, initial=state["step"], desc="training", unit="step",
+                   disable=not (progress and self.main), dynamic_ncols=True)
+        with bar, _StopRequest(repeat_aborts=self.world == 1) as stop:
             self.stop = stop
             while state["step"] < self.total_steps:
                 epoch, offset = divmod(state["micro_step"], self.batches_per_epoch)
@@ -375,7 +468,7 @@ class _Run:
                         self.log_row(self.train_row(), bar)
                     if done:
                         return False
-                    if stop.requested:
+                    if self._stopping(stop):
                         if state["step"] % self.eval_interval:
                             self.checkpoint()
                         return True
@@ -407,13 +500,16 @@ def train(
     already in ``out_dir`` is removed once this one has started (its setup has succeeded).
     """
     out_dir = Path(out_dir)
-    recover_run_dir(out_dir)  # finish a checkpoint that a killed run committed, remove what it left half-written
+    if distributed.is_main():
+        recover_run_dir(out_dir)  # finish a checkpoint that a killed run committed, remove what it left half-written
+    distributed.barrier()  # the other ranks read the state only once it is whole
     run = _Run(model, tokenizer, train_data, val_data, out_dir, config, loss_fn, collate_fn, eval_fn,
                sample_fn, meta, resume, extra_files)
-    if overwrite and not resume:
+    if overwrite and not resume and run.main:
         clear_run(out_dir)
     tokens_before, start = run.state["tokens_seen"], time.perf_counter()
     interrupted = run.run(progress)
+    distributed.barrier()  # every rank returns once rank 0 has written the last checkpoint: a stage reads it
     elapsed = time.perf_counter() - start
     tokens = run.state["tokens_seen"] - tokens_before  # this invocation's, also after a resume
     log.info("%s after %d steps, %d tokens in this run, %.1f s (%.0f tokens/s)",
@@ -426,14 +522,38 @@ def train(
     )
 
 
-def _load_state(out_dir: Path, model, optimizer, scaler, device) -> dict:
+def _load_state(out_dir: Path, model, optimizer, scaler, device, sharded: bool = False) -> dict:
     path = out_dir / STATE_FILE
     if not path.is_file():
         raise GptlabError(f"{out_dir}: nothing to resume (no {STATE_FILE}); start without --resume")
     fix = "it is damaged: start the run over with --overwrite"
     payload = load_torch_file(path, fix)
-    if not isinstance(payload, dict) or not {"state", "model", "optimizer", "scaler", "rng"} <= payload.keys():
-        raise GptlabError(f"{path}: not a gptlab training state; {fix}")
+    weights = {"scaler", "rng"} if sharded else {"model", "optimizer", "scaler", "rng"}
+    if not isinstance(payload, dict) or not {"state", *weights} <= payload.keys():
+        what = "an --fsdp run's" if sharded else "a gptlab"
+        raise GptlabError(f"{path}: not {what} training state; {fix} (or resume with --fsdp as it was started)")
+    if sharded:
+        distributed.load_sharded(out_dir / SHARDED_STATE_DIR, model, optimizer, fix)
+    else:
+        _load_full_weights(path, payload, model, device, fix)
+    rng = payload["rng"]
+    if len(payload.get("rng_ranks", [])) == distributed.world_size():
+        rng = payload["rng_ranks"][distributed.rank()]
+    try:
+        if not sharded:
+            optimizer.load_state_dict(payload["optimizer"])
+        scaler.load_state_dict(payload["scaler"])
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_as_tuple(rng["python"]))
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        return dict(payload["state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise GptlabError(f"{path}: the training state does not fit this run ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:160] if str(e) else ''}); {fix}") from None
+
+
+def _load_full_weights(path: Path, payload: dict, model, device, fix: str) -> None:
     state = payload["model"]
     if not isinstance(state, dict):
         raise GptlabError(f"{path}: not a gptlab training state; {fix}")
@@ -441,17 +561,6 @@ def _load_state(out_dir: Path, model, optimizer, scaler, device) -> dict:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     load_model_weights(model, state, path)
     model.to(device)
-    try:
-        optimizer.load_state_dict(payload["optimizer"])
-        scaler.load_state_dict(payload["scaler"])
-        torch.set_rng_state(payload["rng"]["torch"])
-        random.setstate(_as_tuple(payload["rng"]["python"]))
-        if payload["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-        return dict(payload["state"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise GptlabError(f"{path}: the training state does not fit this run ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:160] if str(e) else ''}); {fix}") from None
 
 
 def _as_tuple(x):

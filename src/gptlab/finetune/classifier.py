@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from gptlab.classification_data import (
     ClassificationDataset, LabeledTexts, PadCollate, Splits, pad_id_for, read_labeled_file, split_examples,
 )
+from gptlab import distributed
 from gptlab.classify import STAGE, last_token_logits, predict_loader, predict_proba
 from gptlab.config import ClassifierSettings, classifier_training
 from gptlab.device import select_device
@@ -134,7 +135,8 @@ def finetune_classifier(
     result = train(model, tokenizer, parts["train"], parts["val"] if len(parts["val"]) else None, out, train_config,
                    loss_fn=classification_loss, collate_fn=PadCollate(pad_id, parts["train"].pad_to),
                    eval_fn=accuracy_columns, meta=meta, resume=resume, progress=progress, overwrite=overwrite)
-    _plot_accuracy(out, result.step)
+    if distributed.is_main():  # under torchrun rank 0 alone writes into the run
+        _plot_accuracy(out, result.step)
     if result.interrupted:  # the user wants to stop: evaluate when the run is finished
         return ClassifierResult(result, labels, {}, None, examples.truncated, examples.max_length)
 
@@ -143,7 +145,8 @@ def finetune_classifier(
     left_out = None
     if splits.left_out:
         left_out = _evaluate_left_out(model, tokenizer, examples, max(train_config.batch_size, 32), progress)
-    _write_evaluation(out, reports, left_out, examples, result.step)
+    if distributed.is_main():
+        _write_evaluation(out, reports, left_out, examples, result.step)
     return ClassifierResult(result, labels, reports, left_out, examples.truncated, examples.max_length)
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from gptlab import distributed
 from gptlab.config import DPOSettings, TrainConfig, dpo_training
 from gptlab.device import autocast, resolve_precision, select_device, to_device
 from gptlab.errors import GptlabError
@@ -120,7 +121,8 @@ def finetune_dpo(
     result = train(model, tokenizer, train_set, None, out, train_config, loss_fn=loss, collate_fn=collate,
                    eval_fn=columns, sample_fn=sample, meta=meta, resume=resume, progress=progress, overwrite=overwrite,
                    extra_files=stage_files)
-    plot_dpo_metrics(out, result.step, initial)
+    if distributed.is_main():  # under torchrun rank 0 alone writes into the run
+        plot_dpo_metrics(out, result.step, initial)
     val_losses = [float(r["val_loss"]) for r in result.history if r.get("val_loss") not in (None, "")]
     return replace(result, val_loss=val_losses[-1] if val_losses else None)
 
@@ -131,15 +133,11 @@ def sequence_logprobs(model: torch.nn.Module, inputs: torch.Tensor, targets: tor
                       reduction: str = "mean") -> torch.Tensor:
     """Each row's log-probability of its targets (-100 ignored), (N, T) -> (N,): their mean or their sum.
 
-    ``model`` is a ``GPTModel`` (or a wrapper that passes its attributes through). The output head is
-    applied only where there is a target: the prompt and the padding are most of a pair's positions, and
-    the vocabulary-wide head is most of a small model's compute.
+    ``model`` is a ``GPTModel`` or a wrapper of one (DDP, FSDP, ``torch.compile``): the scores come from its
+    ``forward`` (``per_token``), which applies the output head only where there is a target: the prompt and
+    the padding are most of a pair's positions, and the vocabulary-wide head is most of a small model's compute.
     """
-    hidden = model.hidden_states(inputs)  # (N, T, C)
-    scored = targets != IGNORE_INDEX  # (N, T)
-    logits = model.lm_head(hidden[scored])  # (M, V), M = the response tokens of all rows
-    token_logps = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)  # (N, T)
-    token_logps[scored] = -F.cross_entropy(logits.float(), targets[scored], reduction="none")  # (M,)
+    token_logps = model(inputs, targets, per_token=True)  # (N, T), 0 where the target is ignored
     total = token_logps.sum(-1)  # (N,)
     if reduction == "sum":
         return total
