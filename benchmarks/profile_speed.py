@@ -268,8 +268,9 @@ def quant_kernels(config: GPTConfig, rounds: int) -> None:
         cases = {
             "float32 CPULinear": lambda: plain(x),
             "int8 dequantize + F.linear": lambda: F.linear(x, q8.weight),
-            "int8 `_weight_int8pack_mm` (float32 x)": lambda: torch.ops.aten._weight_int8pack_mm(x, q8.weight_int, q8.weight_scale),
-            "int8 `_int_mm`, two-digit x (gptlab)": lambda: _int8_product(found.int_mm, x, q8.weight_int, q8.weight_scale),
+            "int8 `_weight_int8pack_mm`, float32 x": lambda: torch.ops.aten._weight_int8pack_mm(x, q8.weight_int, q8.weight_scale),
+            "int8 `_weight_int8pack_mm`, bf16 x (gptlab)": lambda: q8(x),
+            "int8 `_int_mm`, two-digit x (gptlab's second choice)": lambda: _int8_product(torch._int_mm, x, q8.weight_int, q8.weight_scale),
             "int4 dequantize + F.linear": lambda: F.linear(x, q4.weight),
         }
         if packed is not None:

@@ -43,7 +43,7 @@ def linear(n_in: int = 96, n_out: int = 40) -> nn.Linear:
 @pytest.fixture
 def no_kernels(monkeypatch):
     """As on a torch without the integer ops: every quantized layer dequantizes and runs F.linear."""
-    monkeypatch.setattr(quantize, "_found", QuantizedKernels(None, None, None))
+    monkeypatch.setattr(quantize, "_found", QuantizedKernels(None, None, None, None))
 
 
 # ---- the layers -------------------------------------------------------------------------------------
@@ -57,9 +57,9 @@ def test_a_quantized_layer_is_its_dequantized_weight_and_close_to_float(config):
     with torch.no_grad():
         for rows in (x, x[:1, :1]):
             got, float32 = layer(rows), plain(rows)
-            # the kernel's product equals the dequantize-matmul: ~1e-5 relative for int8 (two activation digits),
-            # bfloat16 activations for int4 (8 bits of mantissa: 1% of the output's scale covers them)
-            tolerance = 1e-4 if config.to == "int8" else 1e-2
+            # the kernel's product equals the dequantize-matmul to bfloat16 rounding of the activations and
+            # outputs (8 significant bits: 1% of the output's scale covers them)
+            tolerance = 1e-2
             assert (got - F.linear(rows, w, plain.bias)).abs().max() <= tolerance * got.abs().max()
             # and the dequantized weight is within half a step of the float one, so the output is within
             # sum_k |x_k| * step / 2 of float32's
@@ -109,12 +109,27 @@ def test_without_the_ops_the_layers_fall_back_and_say_so(monkeypatch, caplog):
             None, f"torch.ops.{namespace}.{name} is missing (AttributeError)"))
         with caplog.at_level(logging.WARNING, logger="gptlab"):
             slow = [layer(x) for layer in layers]
-    assert quantize._found == QuantizedKernels(None, None, None)
+    assert quantize._found == QuantizedKernels(None, None, None, None)
+    assert "torch.ops.aten._weight_int8pack_mm is missing" in caplog.text
     assert "torch.ops.aten._int_mm is missing" in caplog.text and "int8 layers dequantize" in caplog.text
     assert "int4 layers dequantize" in caplog.text
     for layer, a, b in zip(layers, fast, slow):
         assert torch.allclose(b, F.linear(x, layer.weight, layer.bias))  # the fallback is the dequantize-matmul
         assert (a - b).abs().max() <= 1e-2 * b.abs().max()
+
+
+def test_without_int8pack_int8_runs_on_int_mm_exactly(monkeypatch):
+    """The second int8 route: torch._int_mm on two int8 digits per activation, float32-exact to ~1e-5."""
+    layer = Int8Linear.of(linear(64, 24), INT8)
+    x = torch.randn(3, 64) * torch.tensor([[1.0], [1e-3], [1e3]])  # rows of very different sizes: each its step
+    op, problem = quantize._checked_op("_int_mm", quantize._check_int_mm, namespace="aten")
+    assert op is not None, problem  # this torch has it (2.13 on the CPU)
+    monkeypatch.setattr(quantize, "_found", QuantizedKernels(None, op, None, None))
+    with torch.no_grad():
+        got, want = layer(x), F.linear(x, layer.weight, layer.bias)
+    # each activation is off by at most half a second-digit step, max|x| / (127 * 254 * 2), in its row
+    bound = x.abs().amax(dim=1, keepdim=True) / (127 * 254 * 2) * layer.weight.abs().sum(dim=1)  # (3, N)
+    assert ((got - want).abs() <= bound * 1.01 + 1e-6 * want.abs()).all()
 
 
 def test_an_op_that_gives_other_numbers_is_refused():
@@ -216,9 +231,9 @@ def test_export_dequantizes_to_float32(runs, tmp_path, capsys):
     quantized, _ = load(runs["int8"])
     assert not hasattr(exported, "quantization") or exported.quantization is None
     idx = torch.randint(0, 50257, (1, 12))
-    with torch.no_grad():  # the float model the int8 one computes, to the int8 kernel's ~1e-5 rounding
+    with torch.no_grad():  # the float model the int8 one computes, to the kernel's bfloat16 activation rounding
         a, b = exported(idx), quantized(idx)
-    assert (a - b).abs().max() <= 1e-3 * a.abs().max()
+    assert (a - b).abs().max() <= 1e-2 * a.abs().max()
     code, _, err = run_cli(capsys, "export", "--format", "run", runs["int4"], tmp_path / "run")
     assert code == 0 and "quantization" not in read_run_config(tmp_path / "run"), err
     assert load_file(tmp_path / "run" / WEIGHTS_FILE)["h.0.mlp.c_fc.weight"].dtype == torch.float32

@@ -12,12 +12,14 @@ head's integers and dequantizes only the rows it looks up: one copy of the vocab
 
 Kernels, measured on the 2-core Zen 5 (AVX-512 VNNI and BF16) this was built on (``benchmarks/bench_quantize.py``):
 
-- int8: ``torch._int_mm`` (oneDNN's int8 x int8 -> int32 GEMM, VNNI). The activation is written as two int8
-  digits per value (x ~ step * (hi + lo / 254), step = max|x| / 127 per row), so the product keeps ~16 bits of
-  the activation and matches the dequantized float product to ~1e-5 relative: weight-only, not W8A8.
-  ``torch.ops.aten._weight_int8pack_mm`` (float activations) measured 10x slower here.
+- int8: ``torch.ops.aten._weight_int8pack_mm`` on bfloat16 activations and scales (its float32 path measured
+  10-50x slower). Where it is missing: ``torch._int_mm`` (oneDNN's int8 x int8 -> int32 GEMM, VNNI), the
+  activation written as two int8 digits per value (x ~ step * (hi + lo / 254), step = max|x| / 127 per row), so
+  that ~16 bits of it survive: weight-only, not W8A8; 1.3-4x slower than the first here, but float32-exact.
 - int4: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` on bfloat16 activations (its float32 path measured ~100x
   slower), on a copy of the weight in the op's own packed layout, made once per layer.
+- bfloat16 activations round each input to 8 significant bits (0.4% at most); the int8 / int4 weights' own
+  rounding is up to 0.4% / 3% of a row's (group's) largest weight, so the activations add little (README).
 - elsewhere (another device, autocast, gradients, a missing or wrong op): dequantize, then ``F.linear``.
 
 The ops are private to torch: each is looked up on first use and checked against the dequantize-matmul on a tiny
@@ -99,10 +101,18 @@ class Int8Linear(QuantizedLinear):
         return self.weight_int[rows].float() * self.weight_scale[rows, None]  # (n, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = quantized_kernels().int_mm
-        if kernel is None or not self._fast(x):
+        kernels = quantized_kernels()
+        if not self._fast(x) or (kernels.int8_mm is None and kernels.int_mm is None):
             return self._fallback(x)
-        return self._with_bias(_int8_product(kernel, x, self.weight_int, self.weight_scale))
+        if self.weight_int.data_ptr() % 64:
+            # safetensors places an int8 tensor at any byte offset of its file, and the op's vector loads crash on
+            # a misaligned one: one aligned copy, made once (torch's allocator aligns to 64 bytes)
+            self.weight_int = self.weight_int.clone()
+        if kernels.int8_mm is None:
+            return self._with_bias(_int8_product(kernels.int_mm, x, self.weight_int, self.weight_scale))
+        x2 = x.reshape(-1, x.size(-1)).to(torch.bfloat16)  # (M, K)
+        y = kernels.int8_mm(x2, self.weight_int, self.weight_scale.to(torch.bfloat16)).float()  # (M, N)
+        return self._with_bias(y.view(*x.shape[:-1], self.out_features))
 
 
 def _int8_product(kernel: Callable, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -310,6 +320,7 @@ def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
 class QuantizedKernels(NamedTuple):
     """torch's integer kernels as this build offers them on the CPU; None where missing or wrong."""
 
+    int8_mm: Callable | None  # aten._weight_int8pack_mm(x bf16 (M, K), q int8 (N, K), scale bf16 (N,))
     int_mm: Callable | None  # torch._int_mm: int8 (M, K) x int8 (K, N) -> int32 (M, N)
     int4_mm: Callable | None  # aten._weight_int4pack_mm_for_cpu(x bf16, packed, group_size, scales_zeros)
     int4_pack: Callable | None  # aten._convert_weight_to_int4pack_for_cpu(q int32 (N, K), inner_k_tiles)
@@ -330,9 +341,15 @@ def quantized_kernels() -> QuantizedKernels:
 
 
 def _find_kernels() -> QuantizedKernels:
-    int_mm, problem = _checked_op("_int_mm", _check_int_mm, namespace="aten")
-    if int_mm is None:
-        log.warning("torch %s: %s; int8 layers dequantize and run on F.linear (slower)", torch.__version__, problem)
+    int8_mm, problem = _checked_op("_weight_int8pack_mm", _check_int8_mm, namespace="aten")
+    int_mm = None
+    if int8_mm is None:
+        int_mm, second = _checked_op("_int_mm", _check_int_mm, namespace="aten")
+        if int_mm is None:
+            log.warning("torch %s: %s; %s; int8 layers dequantize and run on F.linear (slower)", torch.__version__,
+                        problem, second)
+        else:
+            log.warning("torch %s: %s; int8 layers run on torch._int_mm (slower)", torch.__version__, problem)
     pack, problem = _checked_op("_convert_weight_to_int4pack_for_cpu", lambda op: op, namespace="aten")
     int4_mm = None
     if pack is not None:
@@ -340,7 +357,7 @@ def _find_kernels() -> QuantizedKernels:
                                        namespace="aten")
     if int4_mm is None:
         log.warning("torch %s: %s; int4 layers dequantize and run on F.linear (slower)", torch.__version__, problem)
-    return QuantizedKernels(int_mm, int4_mm, pack if int4_mm is not None else None)
+    return QuantizedKernels(int8_mm, int_mm, int4_mm, pack if int4_mm is not None else None)
 
 
 def _tiny_layer(cls, rows: int, config: QuantizeConfig) -> tuple[QuantizedLinear, torch.Tensor]:
@@ -349,6 +366,13 @@ def _tiny_layer(cls, rows: int, config: QuantizeConfig) -> tuple[QuantizedLinear
     with torch.no_grad():
         plain.weight.copy_(torch.randn(rows, 64, generator=g))
     return cls.of(plain, config), torch.randn(3, 64, generator=g)
+
+
+def _check_int8_mm(op: Callable) -> None:
+    """Int8Linear's product through the op on bf16 activations, against dequantize-matmul within bf16 rounding."""
+    layer, x = _tiny_layer(Int8Linear, 5, QuantizeConfig("int8"))
+    got = op(x.to(torch.bfloat16), layer.weight_int, layer.weight_scale.to(torch.bfloat16)).float()
+    _close(got, F.linear(x, layer.weight), 2e-2)
 
 
 def _check_int_mm(op: Callable) -> None:
