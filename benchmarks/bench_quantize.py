@@ -143,10 +143,10 @@ def rss_child(run: str, device: str) -> None:
 
 # ---- quality --------------------------------------------------------------------------------------
 
-def train(preset: str, steps: int, out: Path, context: int) -> Path:
+def train(preset: str, steps: int, out: Path, context: int, batch: int) -> Path:
     from gptlab.pretrain import pretrain
 
-    pretrain(SHAKESPEARE, out, {"max_steps": steps, "eval_interval": steps, "batch_size": 8, "lr": 1e-3,
+    pretrain(SHAKESPEARE, out, {"max_steps": steps, "eval_interval": steps, "batch_size": batch, "lr": 2e-3,
                                 "warmup_steps": min(20, steps // 5)},
              preset=preset, context_length=context, progress=False)
     return out
@@ -160,7 +160,7 @@ def quality(name: str, run: Path, device, positions: int = 200, windows: int = 1
     text = SHAKESPEARE.read_text(encoding="utf-8")
     held_out = torch.tensor(tokenizer.encode(text[int(len(text) * 0.9):]))  # pretrain's validation split: unseen
     base, _ = load(run, device=device)
-    T = min(base.config.context_length, 128)
+    T = base.config.context_length
     chunks = held_out[: windows * (T + 1)].view(windows, T + 1).to(device)
     idx, targets = chunks[:, :-1], chunks[:, 1:]
     results = {}
@@ -186,6 +186,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=positive_int, default=32, help="decoded tokens per round and kind")
     ap.add_argument("--steps", type=positive_int, default=400, help="training steps of the small quality model")
     ap.add_argument("--large-steps", type=positive_int, default=30, help="training steps at the 124M shape")
+    ap.add_argument("--batch", type=positive_int, default=8, help="training batch (windows of --context tokens)")
+    ap.add_argument("--context", type=positive_int, default=128, help="training and evaluation window")
     ap.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
@@ -202,10 +204,11 @@ def main() -> None:
     if args.what in ("quality", "all"):
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
-            quality(f"`mini` preset trained {args.steps} steps", train("mini", args.steps, Path(tmp) / "mini", 128),
-                    device)
-            quality(f"124M shape trained {args.large_steps} steps",
-                    train("gpt2-small", args.large_steps, Path(tmp) / "large", 128), device)
+            trained = f"steps of {args.batch} x {args.context} tokens"
+            quality(f"`mini` preset trained {args.steps} {trained}",
+                    train("mini", args.steps, Path(tmp) / "mini", args.context, args.batch), device)
+            quality(f"124M shape trained {args.large_steps} {trained}",
+                    train("gpt2-small", args.large_steps, Path(tmp) / "large", args.context, args.batch), device)
             print(f"\n(training and evaluation took {time.perf_counter() - started:.0f} s)")
 
 

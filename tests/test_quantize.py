@@ -70,6 +70,15 @@ def test_a_quantized_layer_is_its_dequantized_weight_and_close_to_float(config):
             assert ((got - float32).abs() <= bound + tolerance * got.abs().max()).all()
 
 
+@pytest.mark.parametrize("config", [INT8, INT4], ids=["int8", "int4"])
+def test_bfloat16_activations_take_the_same_kernels_and_stay_bfloat16(config):
+    layer = quantize.LAYERS[config.to].of(linear(64, 24), config)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        got, want = layer(x.bfloat16()), layer(x)  # the kernels round x to bf16 either way
+    assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() <= 1e-2 * want.abs().max()
+
+
 def test_int4_packs_two_values_per_byte_even_input_low():
     plain = linear(64, 16)
     layer = Int4Linear.of(plain, INT4)

@@ -71,8 +71,10 @@ class QuantizedLinear(nn.Module):
         return self._with_bias(F.linear(x, self.weight.to(x.dtype)))
 
     def _fast(self, x: torch.Tensor) -> bool:
-        """The integer kernels take float32 CPU activations without gradients, outside autocast and compile."""
-        return (x.is_cpu and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)
+        """The integer kernels take float32 or bfloat16 CPU activations without gradients, outside autocast and
+        compile (under autocast the fallback's F.linear runs in autocast's dtype)."""
+        return (x.is_cpu and x.dtype in (torch.float32, torch.bfloat16)
+                and not (torch.is_grad_enabled() and x.requires_grad)
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
     def extra_repr(self) -> str:
@@ -109,9 +111,10 @@ class Int8Linear(QuantizedLinear):
             # a misaligned one: one aligned copy, made once (torch's allocator aligns to 64 bytes)
             self.weight_int = self.weight_int.clone()
         if kernels.int8_mm is None:
-            return self._with_bias(_int8_product(kernels.int_mm, x, self.weight_int, self.weight_scale))
+            return self._with_bias(_int8_product(kernels.int_mm, x.float(), self.weight_int, self.weight_scale)
+                                   .to(x.dtype))
         x2 = x.reshape(-1, x.size(-1)).to(torch.bfloat16)  # (M, K)
-        y = kernels.int8_mm(x2, self.weight_int, self.weight_scale.to(torch.bfloat16)).float()  # (M, N)
+        y = kernels.int8_mm(x2, self.weight_int, self.weight_scale.to(torch.bfloat16)).to(x.dtype)  # (M, N)
         return self._with_bias(y.view(*x.shape[:-1], self.out_features))
 
 
@@ -175,7 +178,7 @@ class Int4Linear(QuantizedLinear):
                                                self.weight_scale, self.weight_zero)
         packed, scales_zeros = self._packed
         x2 = x.reshape(-1, x.size(-1)).to(torch.bfloat16)  # (M, K): the op's fast path is bf16
-        y = kernels.int4_mm(x2, packed, self.group_size, scales_zeros)[:, :self.out_features].float()  # (M, N)
+        y = kernels.int4_mm(x2, packed, self.group_size, scales_zeros)[:, :self.out_features].to(x.dtype)  # (M, N)
         return self._with_bias(y.view(*x.shape[:-1], self.out_features))
 
     def _apply(self, fn, recurse=True):  # .to(device) and friends: the kernel's copy is made again where needed
