@@ -261,21 +261,24 @@ def quant_kernels(config: GPTConfig, rounds: int) -> None:
     routes: dict[str, dict[str, float]] = {}
     for name, (k, n) in shapes.items():
         plain = CPULinear(k, n, bias=False)
-        q8, q4 = Int8Linear.of(plain, QuantizeConfig("int8")), Int4Linear.of(plain, QuantizeConfig("int4", 128 if k % 128 == 0 else 32))
+        q8 = Int8Linear.of(plain, QuantizeConfig("int8"))
+        q4 = Int4Linear.of(plain, QuantizeConfig("int4", 128 if k % 128 == 0 else 32))
         x = torch.randn(1, k)
         packed, sz = _int4_kernel_weight(found.int4_pack, q4.unpacked_rows(slice(None)), q4.weight_scale,
                                          q4.weight_zero) if found.int4_pack else (None, None)
+        q, scale, gs = q8.weight_int, q8.weight_scale, q4.group_size
         cases = {
             "float32 CPULinear": lambda: plain(x),
             "int8 dequantize + F.linear": lambda: F.linear(x, q8.weight),
-            "int8 `_weight_int8pack_mm`, float32 x": lambda: torch.ops.aten._weight_int8pack_mm(x, q8.weight_int, q8.weight_scale),
+            "int8 `_weight_int8pack_mm`, float32 x": lambda: torch.ops.aten._weight_int8pack_mm(x, q, scale),
             "int8 `_weight_int8pack_mm`, bf16 x (gptlab)": lambda: q8(x),
-            "int8 `_int_mm`, two-digit x (gptlab's second choice)": lambda: _int8_product(torch._int_mm, x, q8.weight_int, q8.weight_scale),
+            "int8 `_int_mm`, two-digit x (gptlab's second choice)": lambda: _int8_product(torch._int_mm, x, q, scale),
             "int4 dequantize + F.linear": lambda: F.linear(x, q4.weight),
         }
         if packed is not None:
-            cases["int4 `_weight_int4pack_mm_for_cpu`, float32 x"] = lambda: found.int4_mm(x, packed, q4.group_size, sz.float())
-            cases["int4 `_weight_int4pack_mm_for_cpu`, bf16 x (gptlab)"] = lambda: found.int4_mm(x.bfloat16(), packed, q4.group_size, sz)
+            cases["int4 `_weight_int4pack_mm_for_cpu`, float32 x"] = lambda: found.int4_mm(x, packed, gs, sz.float())
+            cases["int4 `_weight_int4pack_mm_for_cpu`, bf16 x (gptlab)"] = lambda: found.int4_mm(x.bfloat16(), packed,
+                                                                                                  gs, sz)
         times: dict[str, list[float]] = defaultdict(list)
         with torch.no_grad():
             for fn in cases.values():
@@ -346,7 +349,8 @@ def main() -> None:
         generate(model, ids, 4)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             generate(model, ids, args.tokens)
-        summarise(prof, f"cached decoding, batch 1, {args.tokens} new tokens{', ' + args.quantize if args.quantize else ''}", args.top)
+        quantized = f", {args.quantize} weights" if args.quantize else ""
+        summarise(prof, f"cached decoding, batch 1, {args.tokens} new tokens{quantized}", args.top)
     if args.what in ("floor", "all"):
         decode_floor(model.eval(), args.rounds)
     if args.what in ("kernels", "all"):
