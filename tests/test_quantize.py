@@ -179,6 +179,18 @@ def test_the_run_holds_integers_and_scales_and_loads_as_quantized_at_load(runs, 
     assert loaded.quantization == at_load.quantization and isinstance(loaded.wte, QuantizedEmbedding)
 
 
+def test_decoding_never_dequantizes_the_vocabulary_matrix(runs, monkeypatch):
+    """A decoding call reads the model's dtype from wpe: reading the tied embedding's weight would dequantize
+    50,257 rows (0.5-1.2 s at the 124M shape) per call."""
+    from gptlab.generate import generate_text
+
+    model, tokenizer, _ = load_run(runs["int4"])
+    expected = generate_text(model, tokenizer, "Every effort", max_new_tokens=4, num_beams=2)
+    monkeypatch.setattr(quantize.QuantizedLinear, "weight", property(lambda self: pytest.fail("dequantized")))
+    assert generate_text(model, tokenizer, "Every effort", max_new_tokens=4, num_beams=2) == expected
+    assert generate_text(model, tokenizer, "Every effort", max_new_tokens=4)
+
+
 def test_every_using_command_takes_a_quantized_run_and_quantize_at_load(runs, capsys, tmp_path):
     prompt = ["--prompt", "Every effort moves", "--max-new-tokens", 6, "--temperature", 0]
     for kind in ("int8", "int4"):

@@ -70,7 +70,7 @@ def predict_proba(model: GPTModel, tokenizer: Tokenizer, texts: Sequence[str], m
                   batch_size: int = 32, progress: bool = False) -> torch.Tensor:
     """Class probabilities (N, K) for ``texts``, batched by length (padding does not change the result)."""
     model.eval()
-    device = model.wte.weight.device
+    device = model.wpe.weight.device
     ids, truncated = encode_texts(tokenizer, texts, max_length)
     if truncated:
         log.warning("truncated %d of %d text(s) to the model's %d tokens", truncated, len(texts), max_length)
