@@ -5,8 +5,8 @@
           W[n, k] ~ (q[n, k] - zero[n, g]) * scale[n, g],  q in [0, 15],  g = k // group_size;
           two values per byte, the even input in the low nibble
 
-Activations stay float32: only the weights are integers (a quarter, an eighth of the bytes), which is what
-batch-1 decoding reads per token. ``quantize_model`` swaps every linear layer (the block projections and the
+Only the weights are integers (a quarter, an eighth of float32's bytes: what batch-1 decoding reads per token);
+the activations between layers stay float32 (the kernels below take bfloat16 copies of a layer's input). ``quantize_model`` swaps every linear layer (the block projections and the
 output head) in place; with a tied head the token embedding becomes ``QuantizedEmbedding``, which reads the
 head's integers and dequantizes only the rows it looks up: one copy of the vocabulary matrix, not two.
 
@@ -19,7 +19,7 @@ Kernels, measured on the 2-core Zen 5 (AVX-512 VNNI and BF16) this was built on 
 - int4: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` on bfloat16 activations (its float32 path measured ~100x
   slower), on a copy of the weight in the op's own packed layout, made once per layer.
 - bfloat16 activations round each input to 8 significant bits (0.4% at most); the int8 / int4 weights' own
-  rounding is up to 0.4% / 3% of a row's (group's) largest weight, so the activations add little (README).
+  rounding is up to 0.4% of a row's largest weight / 3% of a group's range, so the activations add little (README).
 - elsewhere (another device, autocast, gradients, a missing or wrong op): dequantize, then ``F.linear``.
 
 The ops are private to torch: each is looked up on first use and checked against the dequantize-matmul on a tiny
@@ -108,8 +108,10 @@ class Int8Linear(QuantizedLinear):
             return self._fallback(x)
         if self.weight_int.data_ptr() % 64:
             # safetensors places an int8 tensor at any byte offset of its file, and the op's vector loads crash on
-            # a misaligned one: one aligned copy, made once (torch's allocator aligns to 64 bytes)
-            self.weight_int = self.weight_int.clone()
+            # a misaligned one: one aligned copy, made once (torch's allocator aligns to 64 bytes), an ordinary
+            # tensor even when the first call is under inference_mode
+            with torch.inference_mode(False):
+                self.weight_int = self.weight_int.clone()
         if kernels.int8_mm is None:
             return self._with_bias(_int8_product(kernels.int_mm, x.float(), self.weight_int, self.weight_scale)
                                    .to(x.dtype))
