@@ -42,14 +42,16 @@ KINDS = {"float32": None, "int8": QuantizeConfig("int8"), "int4": QuantizeConfig
 
 
 def weight_bytes(model: GPTModel) -> tuple[int, int]:
-    """Bytes of the tensors the model's state holds (a tied head once), and of those plus the kernels' own copies
-    (int4's weights in ``_weight_int4pack_mm_for_cpu``'s layout, made on first use)."""
+    """Bytes of the tensors the model's state holds (a tied head once), and of what it holds in memory once it
+    has run: int4 layers swap their weight for ``_weight_int4pack_mm_for_cpu``'s packed copy (a tied head keeps
+    both: the embedding looks up its rows)."""
     state = model.state_dict()
     if model.lm_head.weight is model.wte.weight:
         state.pop("lm_head.weight")
     stored = sum(t.numel() * t.element_size() for t in state.values())
-    copies = [t for m in model.modules() for t in (getattr(m, "_packed", None) or ())]
-    return stored, stored + sum(t.numel() * t.element_size() for t in copies)
+    held = [t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values(),
+                                                  *(getattr(m, "_packed", None) or ())) if t is not None]
+    return stored, sum(t.numel() * t.element_size() for t in {id(t): t for t in held}.values())
 
 
 def quantized(model: GPTModel, kind: str) -> GPTModel:

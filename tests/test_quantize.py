@@ -88,6 +88,24 @@ def test_int4_packs_two_values_per_byte_even_input_low():
     assert (q == 0).any(dim=1).all() and (q == 15).any(dim=1).all()  # each row's min and max use the whole range
 
 
+def test_int4s_kernel_copy_replaces_its_weight_and_gives_it_back_exactly():
+    plain = linear(64, 40)  # 40 rows: the op pads them to 48
+    layer, head = Int4Linear.of(plain, INT4), Int4Linear.of(plain, INT4)
+    head.rows_read = True  # as a tied head, whose rows the embedding looks up
+    original, x = layer.weight_int.clone(), torch.randn(2, 64)
+    before = layer.weight  # dequantized from gptlab's layout
+    with torch.no_grad():
+        y, _ = layer(x), head(x)
+    assert layer.weight_int is None and head.weight_int is not None  # one copy of the bytes held, not two
+    assert torch.equal(layer.state_dict()["weight_int"], original)  # rebuilt through the op, exactly
+    assert torch.equal(layer.weight, before)
+    assert torch.equal(layer.unpacked_rows(slice(3, 5)), head.unpacked_rows(slice(3, 5)))
+    layer.to("cpu")  # a move takes gptlab's layout along; the kernel's copy is made again on the next call
+    assert torch.equal(layer.weight_int, original) and layer._packed is None
+    with torch.no_grad():
+        assert torch.equal(layer(x), y)
+
+
 def test_the_model_is_close_to_float32_and_the_tied_embedding_reads_the_head():
     torch.manual_seed(0)
     model = GPTModel(GPTConfig.preset("mini", vocab_size=512)).eval()

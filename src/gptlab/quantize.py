@@ -145,6 +145,10 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("weight_scale", torch.empty(out_features, groups, device=device))
         self.register_buffer("weight_zero", torch.empty(out_features, groups, device=device))
         self._packed: tuple[torch.Tensor, torch.Tensor] | None = None  # the kernel's copy, made on first use
+        # The kernel's copy replaces weight_int (None then), except in a tied head, whose rows the embedding
+        # looks up: the op's layout is private to torch (and differs between its CPU builds), so rows, the
+        # state dict and a move to another device rebuild gptlab's layout from it through the op itself.
+        self.rows_read = False
 
     @classmethod
     def of(cls, layer: nn.Linear, config: QuantizeConfig) -> "Int4Linear":
@@ -161,9 +165,16 @@ class Int4Linear(QuantizedLinear):
         new.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float(), requires_grad=False)
         return new
 
+    def own_layout(self) -> torch.Tensor:
+        """gptlab's packed weight (N, K/2): the buffer, or rebuilt from the kernel's copy that replaced it."""
+        if self.weight_int is not None:
+            return self.weight_int
+        return _from_kernel_weight(self._packed_by, self._packed[0], self.out_features, self.in_features,
+                                   self.group_size)
+
     def unpacked_rows(self, rows) -> torch.Tensor:
         """The 4-bit values of ``rows`` as uint8, (n, K)."""
-        packed = self.weight_int[rows]  # (n, K/2)
+        packed = self.own_layout()[rows]  # (n, K/2)
         return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.size(0), -1)
 
     def dequantized_rows(self, rows) -> torch.Tensor:
@@ -175,17 +186,41 @@ class Int4Linear(QuantizedLinear):
         kernels = quantized_kernels()
         if kernels.int4_mm is None or not self._fast(x) or self.group_size not in KERNEL_GROUP_SIZES:
             return self._fallback(x)
-        if self._packed is None or self._packed[0].device != self.weight_int.device:
-            self._packed = _int4_kernel_weight(kernels.int4_pack, self.unpacked_rows(slice(None)),
-                                               self.weight_scale, self.weight_zero)
+        if self._packed is None:
+            with _packing:  # the server decodes in worker threads: pack (and drop weight_int) once
+                if self._packed is None:
+                    self._packed = _int4_kernel_weight(kernels.int4_pack, self.unpacked_rows(slice(None)),
+                                                       self.weight_scale, self.weight_zero)
+                    self._packed_by = kernels.int4_mm  # what reads the copy back (own_layout)
+                    if not self.rows_read:
+                        self.weight_int = None  # the kernel's copy holds the same bytes
         packed, scales_zeros = self._packed
         x2 = x.reshape(-1, x.size(-1)).to(torch.bfloat16)  # (M, K): the op's fast path is bf16
         y = kernels.int4_mm(x2, packed, self.group_size, scales_zeros)[:, :self.out_features].to(x.dtype)  # (M, N)
         return self._with_bias(y.view(*x.shape[:-1], self.out_features))
 
     def _apply(self, fn, recurse=True):  # .to(device) and friends: the kernel's copy is made again where needed
+        self.weight_int = self.own_layout()
         self._packed = None
         return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight_int is None:  # replaced by the kernel's copy: the state holds gptlab's layout, rebuilt
+            destination[prefix + "weight_int"] = self.own_layout()
+
+
+_packing = threading.Lock()
+
+
+def _from_kernel_weight(int4_mm: Callable, packed: torch.Tensor, n: int, k: int, group_size: int) -> torch.Tensor:
+    """gptlab's (N, K/2) nibbles from the op's packed copy: the op times the identity, with scale 1 and offset 8
+    (``W = (q - 8) * 1 + 8 = q``), gives q.T exactly (0..15 are exact in bf16)."""
+    eye = torch.eye(k, dtype=torch.bfloat16)  # (K, K)
+    ones = torch.ones(k // group_size, packed.size(0), dtype=torch.bfloat16)  # (G, N')
+    q = int4_mm(eye, packed, group_size, torch.stack([ones, 8 * ones], dim=-1))[:, :n].t()  # (N, K)
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
 
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu takes
@@ -211,6 +246,7 @@ class QuantizedEmbedding(nn.Module):
     def __init__(self, head: QuantizedLinear) -> None:
         super().__init__()
         object.__setattr__(self, "head", head)  # not a submodule: the model owns the head as lm_head
+        head.rows_read = True
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
 
     @property
