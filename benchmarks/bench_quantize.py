@@ -95,7 +95,7 @@ def speed(preset: str, rounds: int, tokens: int, device) -> None:
     rss = peak_rss(models, device)
     print(f"\n## batch-1 greedy decoding, {preset} shape, {tokens} tokens x {rounds} rounds (median), "
           f"{torch.get_num_threads()} threads, {device}\n")
-    print("| weights | tokens/s | vs float32 | weights (file) | vs float32 | weights held (+ kernel copies) | vs float32 "
+    print("| weights | tokens/s | vs float32 | weights (file) | vs float32 | weights held once run | vs float32 "
           "| RSS added by load + decode | vs float32 | peak RSS |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     t0, (s0, h0), (a0, _) = statistics.median(times["float32"]), sizes["float32"], rss["float32"]
