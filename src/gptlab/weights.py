@@ -685,9 +685,11 @@ def build_model(preset: str, init: str | None, tokenizer_name: str | None, overr
         return (add_classifier_head(model, num_classes) if num_classes else model), tokenizer
     model, tokenizer = load_base(init)
     if is_quantized(model):
+        origin = source_metadata(init).get("exported_from")
         raise GptlabError(f"--init {init} is quantized ({describe(model.quantization)}): its weights are integers, "
-                          "which do not train; train on the float model it was quantized from, then quantize "
-                          "the result (LoRA on a quantized base is not supported yet)")
+                          f"which do not train; train on the float model it was quantized from"
+                          f"{f' ({origin})' if origin else ''}, then quantize the result (LoRA on a quantized base "
+                          "is not supported yet)")
     if drop_head and not is_classifier(model):
         raise GptlabError(f"--drop-head: {init} has no classifier head to drop (it is a language model); "
                           "leave --drop-head out")
