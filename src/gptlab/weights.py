@@ -282,6 +282,10 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[G
             model = rebuild_head(GPTModel(GPTConfig.from_dict(config["model"])), config)
             if "quantization" in config:  # a quantized run (gptlab quantize): integer weights and their scales
                 quantized_skeleton(model, _run_quantization(run_dir, config))
+                # safetensors maps the file and places int8 tensors at any byte offset; the kernels want them
+                # aligned (gptlab.quantize), and one realigned copy would keep the whole mapping resident
+                # beside it: copy them all (torch aligns), and the mapping goes
+                state = {k: v.clone() for k, v in state.items()}
         load_model_weights(model, state, run_dir / WEIGHTS_FILE, assign=True)
     tokenizer = get_tokenizer(config["tokenizer"], base_dir=run_file(run_dir, TOKENIZER_DIR).parent)
     return model.eval(), tokenizer, config
