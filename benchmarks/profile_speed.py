@@ -5,13 +5,17 @@
     python benchmarks/profile_speed.py --what decode --trace decode.json   # open in chrome://tracing
     python benchmarks/profile_speed.py --what floor          # decoding against the memory floor
     python benchmarks/profile_speed.py --what kernels        # torch's BLAS (MKL) against oneDNN
+    python benchmarks/profile_speed.py --what decode --quantize int8   # decoding with int8 (int4) weights
+    python benchmarks/profile_speed.py --what quant-kernels  # torch's int8/int4 ops against float32, per layer
 
 Prints the operators that took the most time (self time, summed over calls), and groups them into
 matrix multiplies, attention, loss, optimizer and the rest, which is what BENCHMARKS.md discusses.
 ``floor`` times, per decoded token and interleaved over rounds: reading every weight matrix once
 (``.sum()``, the memory floor), the weight matmuls alone through ``CPULinear`` and through plain
 ``F.linear``, and the whole cached decoding step, at batch 1 and batch 8 (packed, as ``generate`` does).
-``kernels`` times a large float32 matmul through torch's default BLAS and through oneDNN.
+``kernels`` times a large float32 matmul through torch's default BLAS and through oneDNN. ``quant-kernels``
+times one batch-1 product per layer shape of the model through each int8/int4 route torch offers (README: Low
+precision), interleaved over rounds.
 """
 from __future__ import annotations
 
@@ -245,9 +249,58 @@ def matmul_kernels(rounds: int, n: int = 2048) -> None:
         print(f"| {name} | {2 * n**3 / statistics.median(ts) / 1e9:.0f} |")
 
 
+def quant_kernels(config: GPTConfig, rounds: int) -> None:
+    """Batch-1 products at the model's layer shapes: float32 ``CPULinear`` against torch's integer routes."""
+    from gptlab.config import QuantizeConfig
+    from gptlab.quantize import Int4Linear, Int8Linear, _int4_kernel_weight, _int8_product, quantized_kernels
+
+    C, V = config.n_embd, config.vocab_size
+    found = quantized_kernels()
+    shapes = {"c_attn": (C, 3 * C), "c_proj": (C, C), "c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C), "head": (C, V)}
+    print(f"\n## batch-1 products, ms, {torch.get_num_threads()} threads, median of {rounds} interleaved rounds\n")
+    routes: dict[str, dict[str, float]] = {}
+    for name, (k, n) in shapes.items():
+        plain = CPULinear(k, n, bias=False)
+        q8 = Int8Linear.of(plain, QuantizeConfig("int8"))
+        q4 = Int4Linear.of(plain, QuantizeConfig("int4", 128 if k % 128 == 0 else 32))
+        x = torch.randn(1, k)
+        packed, sz = _int4_kernel_weight(found.int4_pack, q4.unpacked_rows(slice(None)), q4.weight_scale,
+                                         q4.weight_zero) if found.int4_pack else (None, None)
+        q, scale, gs = q8.weight_int, q8.weight_scale, q4.group_size
+        cases = {
+            "float32 CPULinear": lambda: plain(x),
+            "int8 dequantize + F.linear": lambda: F.linear(x, q8.weight),
+            "int8 `_weight_int8pack_mm`, float32 x": lambda: torch.ops.aten._weight_int8pack_mm(x, q, scale),
+            "int8 `_weight_int8pack_mm`, bf16 x (gptlab)": lambda: q8(x),
+            "int8 `_int_mm`, two-digit x (gptlab's second choice)": lambda: _int8_product(torch._int_mm, x, q, scale),
+            "int4 dequantize + F.linear": lambda: F.linear(x, q4.weight),
+        }
+        if packed is not None:
+            cases["int4 `_weight_int4pack_mm_for_cpu`, float32 x"] = lambda: found.int4_mm(x, packed, gs, sz.float())
+            cases["int4 `_weight_int4pack_mm_for_cpu`, bf16 x (gptlab)"] = lambda: found.int4_mm(x.bfloat16(), packed,
+                                                                                                  gs, sz)
+        times: dict[str, list[float]] = defaultdict(list)
+        with torch.no_grad():
+            for fn in cases.values():
+                fn()
+            for _ in range(rounds):
+                for case, fn in cases.items():
+                    start = time.perf_counter()
+                    fn()
+                    times[case].append(time.perf_counter() - start)
+        for case in cases:
+            routes.setdefault(case, {})[f"{name} {n}x{k}"] = statistics.median(times[case]) * 1e3
+    columns = list(next(iter(routes.values())))
+    print("| route | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
+    for case, row in routes.items():
+        print(f"| {case} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--what", choices=["train", "decode", "floor", "kernels", "all"], default="all")
+    ap.add_argument("--what", choices=["train", "decode", "floor", "kernels", "quant-kernels", "all"], default="all")
+    ap.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                    help="--what decode with this model's linears quantized (gptlab.quantize)")
     ap.add_argument("--rounds", type=positive_int, default=5,
                     help="rounds for --what floor and kernels (interleaved) and for train's peak-rate table")
     ap.add_argument("--preset", default="gpt2-small", choices=list(PRESETS), help="model size (default: gpt2-small)")
@@ -284,16 +337,26 @@ def main() -> None:
                 step()
         summarise(prof, f"training, {args.steps} steps of {args.batch} x {args.seq} tokens", args.top)
         train_ceiling(model, step, args.batch, args.seq, args.rounds)
+    if args.quantize and args.what != "decode":
+        raise SystemExit("profile_speed.py: error: --quantize profiles decoding: give --what decode")
+    if args.quantize:
+        from gptlab.config import QuantizeConfig
+        from gptlab.quantize import quantize_model
+
+        quantize_model(model.eval(), QuantizeConfig(args.quantize))
     if args.what in ("decode", "all"):
         ids = torch.randint(0, V, (1, 16))
         generate(model, ids, 4)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             generate(model, ids, args.tokens)
-        summarise(prof, f"cached decoding, batch 1, {args.tokens} new tokens", args.top)
+        quantized = f", {args.quantize} weights" if args.quantize else ""
+        summarise(prof, f"cached decoding, batch 1, {args.tokens} new tokens{quantized}", args.top)
     if args.what in ("floor", "all"):
         decode_floor(model.eval(), args.rounds)
     if args.what in ("kernels", "all"):
         matmul_kernels(args.rounds)
+    if args.what in ("quant-kernels", "all"):
+        quant_kernels(model.config, args.rounds)
     if args.trace and args.what in ("train", "decode"):
         prof.export_chrome_trace(args.trace)
         print(f"\ntrace written to {args.trace}")

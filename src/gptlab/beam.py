@@ -89,7 +89,7 @@ def beam_search(
 
     cache = None
     if use_cache:
-        cache = KVCache(model.config, num_beams, min(ctx, max_length), device, model.wte.weight.dtype)
+        cache = KVCache(model.config, num_beams, min(ctx, max_length), device, model.wpe.weight.dtype)
     was_training = model.training
     model.eval()
     try:
@@ -161,7 +161,7 @@ def beam_search(
 
 def _prefill(model: GPTModel, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run the prompt (1, T) once and copy its keys and values into every beam's row; its last logits (1, 1, V)."""
-    one = KVCache(model.config, 1, ids.size(1), ids.device, model.wte.weight.dtype)
+    one = KVCache(model.config, 1, ids.size(1), ids.device, model.wpe.weight.dtype)
     logits = model(ids, cache=one, last_only=True)
     for mine, theirs in zip((*cache.k, *cache.v), (*one.k, *one.v)):
         mine.narrow(2, 0, one.pos).copy_(theirs)  # broadcast over the beams

@@ -27,13 +27,14 @@ from tqdm.auto import tqdm
 from gptlab.classification_data import (
     LABEL_COLUMN, TEXT_COLUMN, LabeledTexts, PadCollate, encode_texts, pad_id_for, read_labeled_file,
 )
+from gptlab.config import QuantizeConfig
 from gptlab.device import to_device
 from gptlab.errors import GptlabError
 from gptlab.evaluate import ClassificationReport, classification_report
 from gptlab.files import atomic_write_text, read_text
 from gptlab.model import GPTModel
 from gptlab.run import check_output_path, read_run_config
-from gptlab.weights import load_run
+from gptlab.weights import load_run, quantize_loaded
 from gptlab.tokenizer import Tokenizer
 
 log = logging.getLogger("gptlab")
@@ -69,7 +70,7 @@ def predict_proba(model: GPTModel, tokenizer: Tokenizer, texts: Sequence[str], m
                   batch_size: int = 32, progress: bool = False) -> torch.Tensor:
     """Class probabilities (N, K) for ``texts``, batched by length (padding does not change the result)."""
     model.eval()
-    device = model.wte.weight.device
+    device = model.wpe.weight.device
     ids, truncated = encode_texts(tokenizer, texts, max_length)
     if truncated:
         log.warning("truncated %d of %d text(s) to the model's %d tokens", truncated, len(texts), max_length)
@@ -102,12 +103,14 @@ class Classifier:
         self.model, self.tokenizer, self.labels, self.max_length = model, tokenizer, labels, max_length
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> "Classifier":
+    def load(cls, run_dir: str | Path, device: str | torch.device = "cpu",
+             quantize: QuantizeConfig | None = None) -> "Classifier":
         config = read_run_config(run_dir)
         if config.get("stage") != STAGE or "labels" not in config:
             raise GptlabError(f"{run_dir}: not a classifier run (stage {config.get('stage')!r}); "
                               "train one with `gptlab finetune-classifier`")
         model, tokenizer, config = load_run(run_dir, device=device)
+        model = quantize_loaded(model, quantize, run_dir)  # --quantize: int8/int4 linears (gptlab.quantize)
         return cls(model, tokenizer, list(config["labels"]), int(config[STAGE]["max_length"]))
 
     def predict_proba(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:

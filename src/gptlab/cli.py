@@ -27,6 +27,7 @@ from gptlab.config import (
     PretrainSettings, SamplingConfig, ServeLimits, TrainConfig, classifier_training,
 )
 from gptlab.config import DPOSettings
+from gptlab.config import INT4_GROUP_SIZES, QUANTIZE_KINDS
 from gptlab.errors import GptlabError
 
 log = logging.getLogger("gptlab")
@@ -129,6 +130,32 @@ def add_device_argument(p) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
 
 
+def add_quantize_arguments(p) -> None:
+    """--quantize and --group-size of the using commands: int8/int4 weights made as the model loads."""
+    p.add_argument("--quantize", default=None, choices=QUANTIZE_KINDS,
+                   help="hold the linear layers' weights as int8 (per output channel) or int4 (groups with a zero "
+                        "point), quantized as the model loads (README: Low precision)")
+    add_group_size_argument(p)
+
+
+def add_group_size_argument(p) -> None:
+    p.add_argument("--group-size", type=int, default=None, metavar="N",
+                   help=f"int4: inputs per group, one of {', '.join(map(str, sorted(INT4_GROUP_SIZES)))} (default: "
+                        "the largest that divides every layer)")
+
+
+def quantize_option(args, to: str | None = None):
+    """The ``QuantizeConfig`` of --quantize (or ``to``) and --group-size; None when not asked for."""
+    from gptlab.config import QuantizeConfig
+
+    to = to or args.quantize
+    if to is None:
+        if args.group_size is not None:
+            raise GptlabError("--group-size applies to --quantize int4; add --quantize int4 or leave it out")
+        return None
+    return QuantizeConfig(to, args.group_size)
+
+
 # ---- subcommands --------------------------------------------------------------------------------
 
 def add_prepare(sub) -> None:
@@ -181,6 +208,7 @@ def add_generate(sub) -> None:
     p.add_argument("--model", required=True, help="run directory (or other model source)")
     p.add_argument("--prompt", required=True, help="text to continue")
     add_sampling_arguments(p)
+    add_quantize_arguments(p)
     p.set_defaults(run=run_generate)
 
 
@@ -191,7 +219,7 @@ def run_generate(args) -> None:
     from gptlab.weights import load, require_language_model
 
     sampling = sampling_kwargs(args)
-    model, tokenizer = load(args.model, device=select_device(args.device))
+    model, tokenizer = load(args.model, device=select_device(args.device), quantize=quantize_option(args))
     require_language_model(model, args.model, "generate")
     load_draft(sampling, model, tokenizer)
     n = sampling["num_return_sequences"]
@@ -328,7 +356,7 @@ def _load_instruct_model(args, sampling: dict | None = None):
     if sampling is not None and sampling["num_return_sequences"] != 1:
         raise GptlabError(f"{args.command} gives one answer per {'turn' if args.command == 'chat' else 'record'}; "
                           "drop --num-return-sequences (gptlab generate prints several)")
-    model, tokenizer = load(args.model, device=select_device(args.device))
+    model, tokenizer = load(args.model, device=select_device(args.device), quantize=quantize_option(args))
     require_language_model(model, args.model, args.command)
     if sampling is not None:
         load_draft(sampling, model, tokenizer)
@@ -353,6 +381,7 @@ def add_respond(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="answer only the first N records")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_sampling_arguments(p, SamplingConfig(max_new_tokens=256))
+    add_quantize_arguments(p)
     p.set_defaults(run=run_respond)
 
 
@@ -388,6 +417,7 @@ def add_chat(sub) -> None:
     add_prompt_style_argument(p)
     p.add_argument("--system", default=None, help="system text that replaces the style's preamble")
     add_sampling_arguments(p, SamplingConfig(max_new_tokens=256))
+    add_quantize_arguments(p)
     p.set_defaults(run=run_chat)
 
 
@@ -468,6 +498,7 @@ def add_serve(sub) -> None:
                    help=f"torch threads for the model (default: half the cores, at least 1: "
                         f"{default_serve_threads()} here; torch's own default, every core, serves less under load)")
     add_options(p.add_argument_group("limits"), ServeLimits)
+    add_quantize_arguments(p)
     p.set_defaults(run=run_serve)
 
 
@@ -487,7 +518,7 @@ def run_serve(args) -> None:
     torch.set_num_threads(threads)  # process-wide, so the command sets it, not the library
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
           limits=limits, device=args.device, name=args.model_name, prompt_style=args.prompt_style,
-          allowed_hosts=tuple(args.allowed_host))
+          allowed_hosts=tuple(args.allowed_host), quantize=quantize_option(args))
 
 
 # ---- preference tuning (DPO) -------------------------------------------------------------------
@@ -582,6 +613,7 @@ def add_classify(sub) -> None:
     p.add_argument("--header", default="auto", choices=["auto", "yes", "no"], help="whether --input's first row names the columns")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: %(default)s)")
     add_device_argument(p)
+    add_quantize_arguments(p)
     p.set_defaults(run=run_classify)
 
 
@@ -598,7 +630,7 @@ def run_classify(args) -> None:
         raise GptlabError(f"batch-size must be positive, got {args.batch_size}")
     if args.output:
         check_output_path(args.output, [args.input])  # before classifying every text
-    classifier = Classifier.load(args.model, device=select_device(args.device))
+    classifier = Classifier.load(args.model, device=select_device(args.device), quantize=quantize_option(args))
     if args.texts:
         for text, pred in zip(args.texts, classifier.predict(args.texts, args.batch_size)):
             print(f"{pred.label}\t{pred.probability:.4f}" + (f"\t{text}" if len(args.texts) > 1 else ""))
@@ -611,9 +643,30 @@ def run_classify(args) -> None:
         print(report.format(), file=sys.stderr if not args.output else sys.stdout)
 
 
+def add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="write a model with int8 or int4 weights, as a run directory",
+                       description="Write SOURCE (anything --model takes; a LoRA run's adapters are merged in) to "
+                                   "OUT_DIR as a gptlab run whose model.safetensors holds every linear layer's weights "
+                                   "as integers and their scales: int8 symmetric per output channel, or int4 in "
+                                   "groups of --group-size inputs with a scale and zero point each, two per byte. "
+                                   "generate, chat, respond, classify and serve load it as any run.")
+    p.add_argument("source", help="model to quantize (a float model; a quantized run is refused)")
+    p.add_argument("--to", required=True, choices=QUANTIZE_KINDS, help="int8 or int4")
+    add_group_size_argument(p)
+    p.add_argument("--out", required=True, help="run directory to write (a new or empty folder)")
+    p.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
+    p.set_defaults(run=run_quantize)
+
+
+def run_quantize(args) -> None:
+    from gptlab.weights import quantize_run
+
+    print(quantize_run(args.source, args.out, quantize_option(args, args.to), overwrite=args.overwrite))
+
+
 COMMANDS = [add_prepare, add_pretrain, add_generate, add_export, add_train_tokenizer,
             add_finetune_instruct, add_finetune_dpo, add_respond, add_chat, add_judge, add_serve,
-            add_finetune_classifier, add_classify]
+            add_finetune_classifier, add_classify, add_quantize]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -690,3 +690,37 @@ JUDGE_MODEL = "llama3"  # the book's judge
 # The reply asked for is one number; the cap only stops a judge that rambles (raise it for a judge that reasons
 # aloud before it answers: its reasoning counts against it).
 JUDGE_MAX_TOKENS = 256
+
+
+# ---- weight-only quantization (gptlab.quantize) ------------------------------------------------
+
+QUANTIZE_KINDS = ("int8", "int4")
+INT4_GROUP_SIZES = (128, 64, 32)  # inputs per int4 group; the default is the largest that divides every layer
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """How a model's linear layers hold their weights: what a quantized run's config.json records.
+
+    int8: symmetric, one scale per output channel. int4: groups of ``group_size`` inputs per output channel,
+    each with a scale and a zero point (asymmetric), two 4-bit values per byte. ``group_size`` is None for int8.
+    """
+
+    to: str
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.to not in QUANTIZE_KINDS:
+            raise GptlabError(f"unknown quantization {self.to!r}; choose one of {', '.join(QUANTIZE_KINDS)}")
+        if self.to == "int8" and self.group_size is not None:
+            raise GptlabError("--group-size applies to int4 (int8 has one scale per output channel); leave it out")
+        if self.to == "int4" and self.group_size is not None and self.group_size not in INT4_GROUP_SIZES:
+            raise GptlabError(f"--group-size must be one of {', '.join(map(str, sorted(INT4_GROUP_SIZES)))}, "
+                              f"got {self.group_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantizeConfig":
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})

@@ -117,7 +117,7 @@ def _stream(model: GPTModel, ids: torch.Tensor, max_new_tokens: int, temperature
     buffer[:, :T] = ids
     cache = None
     if use_cache:  # sized to what this call can reach, not the whole context
-        cache = KVCache(model.config, B, min(ctx, T + max_new_tokens), device, model.wte.weight.dtype)
+        cache = KVCache(model.config, B, min(ctx, T + max_new_tokens), device, model.wpe.weight.dtype)
     # batched decoding reads oneDNN-packed weight copies (twice the speed, for their memory, freed after)
     with packed_weights(model, B) if B > 1 else nullcontext():
         for n in range(T, T + max_new_tokens):  # n: tokens so far

@@ -136,19 +136,19 @@ def _find_onednn() -> OneDNN:
     return OneDNN(linear, reorder)
 
 
-def _checked_op(name: str, check: Callable[[Callable], None]) -> tuple[Callable | None, str]:
-    """``torch.ops.mkldnn.<name>`` and "" if it exists and passes ``check``; else None and what went wrong."""
+def _checked_op(name: str, check: Callable[[Callable], None], namespace: str = "mkldnn") -> tuple[Callable | None, str]:
+    """``torch.ops.<namespace>.<name>`` and "" if it exists and passes ``check``; else None and what went wrong."""
     try:
-        op = getattr(torch.ops.mkldnn, name)
+        op = getattr(getattr(torch.ops, namespace), name)
     except Exception as e:  # AttributeError today; whatever a later torch raises for an op it lacks
-        return None, f"torch.ops.mkldnn.{name} is missing ({type(e).__name__})"
+        return None, f"torch.ops.{namespace}.{name} is missing ({type(e).__name__})"
     try:
         # tiny, seeded, in float32 with gradients, whatever mode the first caller is in
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
             check(op)
     except Exception as e:  # a changed signature raises; a changed meaning gives other numbers
         first_line = (str(e).splitlines() or [""])[0]
-        return None, f"torch.ops.mkldnn.{name} does not work as expected ({type(e).__name__}: {first_line})"
+        return None, f"torch.ops.{namespace}.{name} does not work as expected ({type(e).__name__}: {first_line})"
     return op, ""
 
 

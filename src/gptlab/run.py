@@ -102,6 +102,8 @@ def model_files(model: GPTModel, tokenizer: Tokenizer, meta: dict | None = None,
         tokenizer_ref = TOKENIZER_DIR
     lora = getattr(model, "lora", None)
     adapter = {"lora": lora.to_dict(), "base": model.base_ref} if lora is not None else {}
+    quantization = getattr(model, "quantization", None)  # gptlab.quantize: integer weights and their scales
+    adapter.update({"quantization": quantization.to_dict()} if quantization is not None else {})
     text = json.dumps({"model": model.config.to_dict(), "tokenizer": tokenizer_ref, **(meta or {}), **adapter},
                       indent=2) + "\n"
     files[CONFIG_FILE] = lambda path: path.write_text(text, encoding="utf-8")

@@ -139,12 +139,12 @@ def speculative_stream(
     total = T + max_new_tokens
     buffer = torch.empty(1, total + draft_tokens, dtype=ids.dtype, device=device)  # room for the last guesses
     buffer[:, :T] = ids
-    cache = KVCache(model.config, 1, min(ctx, total), device, model.wte.weight.dtype)
+    cache = KVCache(model.config, 1, min(ctx, total), device, model.wpe.weight.dtype)
     if 1 < T <= ctx:  # invariant: the cache holds every token but the last (whose logits the next round needs)
         model(buffer[:, : T - 1], cache=cache, last_only=True)
     draft_cache = None
     if draft is not None:
-        draft_cache = KVCache(draft.config, 1, min(draft.config.context_length, total), device, draft.wte.weight.dtype)
+        draft_cache = KVCache(draft.config, 1, min(draft.config.context_length, total), device, draft.wpe.weight.dtype)
     lookup = PromptLookup(ids[0].tolist(), prompt_lookup) if prompt_lookup is not None else None
 
     def dist(logits: torch.Tensor, pen: Penalties | None) -> torch.Tensor:

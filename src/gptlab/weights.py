@@ -40,12 +40,15 @@ from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gptlab.config import LoRAConfig
+from gptlab.config import LoRAConfig, QuantizeConfig
 from gptlab.errors import GptlabError
 from gptlab.model import GPTConfig, GPTModel
 from gptlab.files import atomic_write, atomic_write_text, check_writable_dir, same_path
 from gptlab.surgery import add_classifier_head, add_lora, is_classifier, merge_lora, rebuild_head, weights_fingerprint
 from gptlab.lora import LoRALinear
+from gptlab.quantize import (
+    QuantizedLinear, dequantize_model, describe, is_quantized, quantize_model, quantized_skeleton,
+)
 from gptlab.run import (
     ADAPTER_FILE, BUILTIN_TOKENIZERS, CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, clear_run, load_model_weights,
     load_torch_file, read_run_config, read_run_weights, run_file, save_model, source_metadata,
@@ -83,12 +86,13 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 # ---- the public entry points --------------------------------------------------------------------
 
 def load(
-    source: str | Path, device: str | torch.device = "cpu", expect: GPTConfig | None = None
+    source: str | Path, device: str | torch.device = "cpu", expect: GPTConfig | None = None,
+    quantize: QuantizeConfig | None = None,
 ) -> tuple[GPTModel, Tokenizer]:
     """Load a model and its tokenizer from ``source`` (see the module docstring), in eval mode on ``device``.
 
     ``expect``: the config the caller needs; an architecture that differs raises ``GptlabError`` naming the
-    fields, and the model takes ``expect.dropout``.
+    fields, and the model takes ``expect.dropout``. ``quantize``: quantize it as it loads (``quantize_loaded``).
     """
     text = str(source)
     path = Path(source)
@@ -106,7 +110,16 @@ def load(
     if expect is not None:
         check_config(model.config, expect, source)
         model.set_dropout(expect.dropout)
-    return model.to(device).eval(), tokenizer
+    return quantize_loaded(model.to(device), quantize, source).eval(), tokenizer
+
+
+def quantize_loaded(model: GPTModel, quantize: QuantizeConfig | None, source: str | Path) -> GPTModel:
+    """``--quantize``: the loaded ``model`` with int8/int4 linears (LoRA adapters merged in first); as it is for None."""
+    if quantize is None:
+        return model
+    if getattr(model, "lora", None) is not None:
+        merge_lora(model)
+    return quantize_model(model, quantize, str(source))
 
 
 def check_config(found: GPTConfig, requested: GPTConfig, source: str | Path) -> None:
@@ -267,9 +280,40 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[G
         state = read_run_weights(run_dir, WEIGHTS_FILE, device)
         with torch.device("meta"):  # no random init to overwrite: the loaded tensors become the parameters
             model = rebuild_head(GPTModel(GPTConfig.from_dict(config["model"])), config)
+            if "quantization" in config:  # a quantized run (gptlab quantize): integer weights and their scales
+                quantized_skeleton(model, _run_quantization(run_dir, config))
+                # safetensors maps the file and places int8 tensors at any byte offset; the kernels want them
+                # aligned (gptlab.quantize), and one realigned copy would keep the whole mapping resident
+                # beside it: copy them all (torch aligns), and the mapping goes
+                state = {k: v.clone() for k, v in state.items()}
         load_model_weights(model, state, run_dir / WEIGHTS_FILE, assign=True)
     tokenizer = get_tokenizer(config["tokenizer"], base_dir=run_file(run_dir, TOKENIZER_DIR).parent)
     return model.eval(), tokenizer, config
+
+
+def _run_quantization(run_dir: Path, config: dict) -> QuantizeConfig:
+    try:
+        return QuantizeConfig.from_dict(config["quantization"])
+    except (TypeError, GptlabError) as e:
+        raise GptlabError(f"{run_dir / CONFIG_FILE}: unreadable quantization entry ({e}); the run is damaged, "
+                          "quantize it again") from None
+
+
+def quantize_run(source: str | Path, out_dir: str | Path, quantize: QuantizeConfig, overwrite: bool = False) -> str:
+    """``gptlab quantize``: write ``source`` (anything ``load`` reads; LoRA adapters merged) with int8/int4 weights
+    as a run directory that every using command loads; returns a summary line. A quantized source is refused."""
+    found = source_metadata(source).get("quantization")
+    if found is not None:
+        raise GptlabError(f"{source} is already quantized ({found.get('to') if isinstance(found, dict) else found}); "
+                          "quantize the float model it came from instead")
+    check_export_dir(out_dir, overwrite, source)  # before reading a model of gigabytes
+    model, tokenizer = load(source, quantize=quantize)
+    export_run(model, out_dir, tokenizer, source, overwrite=overwrite)
+    stored = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    as_float = 4 * (sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
+                    + model.num_parameters())  # the integer weights as float32, plus what stayed float
+    return f"wrote {out_dir}: gptlab run, {describe(model.quantization)}: {stored / 1e6:.1f} MB of weights " \
+           f"(float32: {as_float / 1e6:.1f} MB)"
 
 
 def base_reference(source: str | Path, model: GPTModel) -> dict:
@@ -644,6 +688,12 @@ def build_model(preset: str, init: str | None, tokenizer_name: str | None, overr
         model = GPTModel(config)
         return (add_classifier_head(model, num_classes) if num_classes else model), tokenizer
     model, tokenizer = load_base(init)
+    if is_quantized(model):
+        origin = source_metadata(init).get("exported_from")
+        raise GptlabError(f"--init {init} is quantized ({describe(model.quantization)}): its weights are integers, "
+                          f"which do not train; train on the float model it was quantized from"
+                          f"{f' ({origin})' if origin else ''}, then quantize the result (LoRA on a quantized base "
+                          "is not supported yet)")
     if drop_head and not is_classifier(model):
         raise GptlabError(f"--drop-head: {init} has no classifier head to drop (it is a language model); "
                           "leave --drop-head out")
@@ -784,7 +834,9 @@ def export_model(source: str | Path, out_dir: str | Path, format: str = "hf", me
         if not merge:
             raise _needs_merge(source, format)
         merge_lora(model)
-    merged = ", LoRA merged" if lora is not None else ""
+    dequantized = is_quantized(model)
+    dequantize_model(model)  # what --format hf and run hold: float32 weights (README: Low precision)
+    merged = ", LoRA merged" if lora is not None else ", dequantized to float32" if dequantized else ""
     size = f"{model.num_parameters() / 1e6:.1f}M parameters"
     if format == "hf":
         export_hf(model, out_dir, tokenizer, overwrite=overwrite)
@@ -805,7 +857,7 @@ def export_run(model: GPTModel, out_dir: str | Path, tokenizer: Tokenizer, sourc
                           "(gptlab export --merge; gptlab.surgery.merge_lora)")
     out_dir = check_export_dir(out_dir, overwrite)
     meta = {k: v for k, v in source_metadata(source).items()
-            if k not in ("model", "tokenizer", "lora", "base")} if source is not None else {}
+            if k not in ("model", "tokenizer", "lora", "base", "quantization")} if source is not None else {}
     if source is not None:
         meta["exported_from"] = str(Path(source).resolve()) if Path(source).exists() else str(source)
     if overwrite and out_dir.is_dir():

@@ -30,7 +30,7 @@ import torch
 
 from gptlab.batching import BatchedStream, ContinuousBatch
 from gptlab.classify import Classifier
-from gptlab.config import ServeLimits
+from gptlab.config import QuantizeConfig, ServeLimits
 from gptlab.errors import GptlabError
 from gptlab.model import GPTModel
 from gptlab.prompts import PromptStyle
@@ -65,9 +65,9 @@ class ServedModel:
 
     @classmethod
     def load(cls, source: str | Path, device: str | torch.device = "cpu", name: str | None = None,
-             prompt_style: str | None = None) -> "ServedModel":
+             prompt_style: str | None = None, quantize: QuantizeConfig | None = None) -> "ServedModel":
         """Any source ``gptlab.load`` reads; a run directory also supplies its prompt style or classifier labels."""
-        model, tokenizer = load(source, device=device)
+        model, tokenizer = load(source, device=device, quantize=quantize)
         meta = source_metadata(source)
         labels = meta.get("labels") if meta.get("stage") == "classifier" else None
         max_length = (meta.get("classifier") or {}).get("max_length") if labels is not None else None
