@@ -102,13 +102,15 @@ class Classifier:
         self.model, self.tokenizer, self.labels, self.max_length = model, tokenizer, labels, max_length
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> "Classifier":
+    def load(cls, run_dir: str | Path, device: str | torch.device = "cpu",
+             dtype: torch.dtype | None = None) -> "Classifier":
+        """A classifier run on ``device``, its weights in ``dtype`` (``--dtype``; None: as stored, float32)."""
         config = read_run_config(run_dir)
         if config.get("stage") != STAGE or "labels" not in config:
             raise GptlabError(f"{run_dir}: not a classifier run (stage {config.get('stage')!r}); "
                               "train one with `gptlab finetune-classifier`")
         model, tokenizer, config = load_run(run_dir, device=device)
-        return cls(model, tokenizer, list(config["labels"]), int(config[STAGE]["max_length"]))
+        return cls(model.to(dtype=dtype), tokenizer, list(config["labels"]), int(config[STAGE]["max_length"]))
 
     def predict_proba(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
         return predict_proba(self.model, self.tokenizer, texts, self.max_length, batch_size, progress)

@@ -183,7 +183,7 @@ class _Run:
         self.extra_files = dict(extra_files or {})
         self.loss_fn, self.eval_fn, self.sample_fn = loss_fn, eval_fn, sample_fn
         self.device = select_device(config.device)
-        self.amp_dtype = resolve_precision(config.precision, self.device)
+        self.amp_dtype = resolve_precision(config.precision, self.device, sum(p.numel() for p in model.parameters()))
         model.to(self.device).train()
         torch.manual_seed(config.seed)
         random.seed(config.seed)

@@ -83,12 +83,14 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 # ---- the public entry points --------------------------------------------------------------------
 
 def load(
-    source: str | Path, device: str | torch.device = "cpu", expect: GPTConfig | None = None
+    source: str | Path, device: str | torch.device = "cpu", expect: GPTConfig | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[GPTModel, Tokenizer]:
     """Load a model and its tokenizer from ``source`` (see the module docstring), in eval mode on ``device``.
 
     ``expect``: the config the caller needs; an architecture that differs raises ``GptlabError`` naming the
-    fields, and the model takes ``expect.dropout``.
+    fields, and the model takes ``expect.dropout``. ``dtype``: hold the weights in it (``torch.bfloat16`` for
+    ``--dtype bf16``: half the bytes read per decoded token; ``gptlab.device.inference_dtype`` checks it).
     """
     text = str(source)
     path = Path(source)
@@ -106,7 +108,7 @@ def load(
     if expect is not None:
         check_config(model.config, expect, source)
         model.set_dropout(expect.dropout)
-    return model.to(device).eval(), tokenizer
+    return model.to(device=device, dtype=dtype).eval(), tokenizer  # a tied head stays tied: one Parameter
 
 
 def check_config(found: GPTConfig, requested: GPTConfig, source: str | Path) -> None:
