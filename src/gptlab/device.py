@@ -60,10 +60,11 @@ def keep_freed_memory_mapped() -> bool:
         return False
 
 
-# --precision auto turns bf16 on for a CPU with native bf16 from this many parameters on: benchmarks/bench_bf16.py
-# measured bf16 training at 0.77x float32's tokens/s for the tiny preset and faster from the small preset on
-# (README "bfloat16"); below it the casts and the unfused loss cost more than the faster matmuls save.
-AUTO_BF16_MIN_PARAMETERS = 20_000_000
+# --precision auto turns bf16 on for a CPU with native bf16 from this many parameters on (TrainConfig's help
+# says 5M): benchmarks/bench_bf16.py --what sizes measured bf16 training steps at 0.77x float32's tokens/s for
+# the tiny preset (1.6M) and 1.47x for mini (11.5M), 1.47x small (30M) and ~1.5x the 124M shape (README
+# "bfloat16"); below it the casts and elementwise work cost more than the faster matmuls save.
+AUTO_BF16_MIN_PARAMETERS = 5_000_000
 
 
 @functools.lru_cache(maxsize=None)
