@@ -173,8 +173,12 @@ def main() -> None:
     ap.add_argument("--loss-steps", type=positive_int, default=200)
     ap.add_argument("--loss-batch", type=positive_int, default=8)
     ap.add_argument("--gen-tokens", type=positive_int, default=100)
+    ap.add_argument("--threads", type=positive_int, default=None,
+                    help="torch.set_num_threads (default: torch's, every core; 1 is steadier on a shared machine)")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     keep_freed_memory_mapped()  # as the gptlab training commands run
     print(f"# {describe_machine(device)}; native bf16: "
           f"{cpu_bf16_instructions() if device.type == 'cpu' else 'see the GPU'}", file=sys.stderr)
