@@ -12,6 +12,19 @@ def verdict_path() -> Path:
     return DATA / "the-verdict.txt"
 
 
+@pytest.fixture(scope="module")
+def tiny_lm_run(tmp_path_factory) -> Path:
+    """A run directory holding a random-weight tiny language model with GPT-2's tokenizer."""
+    from gptlab.model import GPTConfig, GPTModel
+    from gptlab.run import save_model
+    from gptlab.tokenizer import GPT2Tokenizer
+
+    run = tmp_path_factory.mktemp("tiny-lm") / "tiny-lm"
+    torch.manual_seed(0)
+    save_model(run, GPTModel(GPTConfig.preset("tiny")), GPT2Tokenizer(), {"prompt_style": "alpaca"})
+    return run
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -42,14 +42,6 @@ def bf16_cpu(monkeypatch):
     monkeypatch.setattr(gptlab.device, "cpu_bf16_instructions", lambda: "avx512_bf16")
 
 
-@pytest.fixture(scope="module")
-def lm_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("bf16") / "tiny-lm"
-    torch.manual_seed(0)
-    save_model(run, GPTModel(GPTConfig.preset("tiny")), GPT2Tokenizer(), {"prompt_style": "alpaca"})
-    return run
-
-
 def test_cpuinfo_detection_names_a_flag_this_cpu_has():
     found = gptlab.device.cpu_bf16_instructions()
     try:
@@ -61,12 +53,12 @@ def test_cpuinfo_detection_names_a_flag_this_cpu_has():
 
 
 @pytest.mark.usefixtures("no_bf16_cpu")
-def test_bf16_on_a_cpu_without_it_is_a_one_line_error(lm_run, tmp_path, verdict_path, capsys):
+def test_bf16_on_a_cpu_without_it_is_a_one_line_error(tiny_lm_run, tmp_path, verdict_path, capsys):
     with pytest.raises(GptlabError, match=r"--precision bf16 on cpu: this CPU has no native bfloat16 .*use --precision fp32"):
         resolve_precision("bf16", CPU)
     with pytest.raises(GptlabError, match=r"--dtype bf16 on cpu: .*use --dtype fp32"):
         inference_dtype("bf16", CPU)
-    for argv in (["generate", "--model", str(lm_run), "--prompt", "Hi", "--dtype", "bf16", "--device", "cpu"],
+    for argv in (["generate", "--model", str(tiny_lm_run), "--prompt", "Hi", "--dtype", "bf16", "--device", "cpu"],
                  ["pretrain", "--data", str(verdict_path), "--out", str(tmp_path / "run"), "--preset", "tiny",
                   "--precision", "bf16", "--device", "cpu", "--max-steps", "1", "--quiet"]):
         assert main(argv) == 2
@@ -144,15 +136,15 @@ def test_greedy_sampling_and_top_p_on_bf16_weights_run_in_float32():
     assert sampled.shape == (1, 14) and int(sampled.max()) < 50257
 
 
-def test_load_and_the_commands_hold_the_weights_in_bf16(lm_run, bf16_cpu, capsys):
-    model, tokenizer = load(lm_run, dtype=torch.bfloat16)
+def test_load_and_the_commands_hold_the_weights_in_bf16(tiny_lm_run, bf16_cpu, capsys):
+    model, tokenizer = load(tiny_lm_run, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.lm_head.weight is model.wte.weight  # the tied head stays one matrix
     want = generate_text(model, tokenizer, "Every effort", 8)
-    assert main(["generate", "--model", str(lm_run), "--prompt", "Every effort", "--max-new-tokens", "8",
+    assert main(["generate", "--model", str(tiny_lm_run), "--prompt", "Every effort", "--max-new-tokens", "8",
                  "--dtype", "bf16", "--device", "cpu"]) == 0
     assert capsys.readouterr().out == f"Every effort{want}\n"
-    served = ServedModel.load(lm_run, dtype=inference_dtype("bf16", CPU))
+    served = ServedModel.load(tiny_lm_run, dtype=inference_dtype("bf16", CPU))
     assert served.model.wte.weight.dtype == torch.bfloat16
     assert generate_text(served.model, served.tokenizer, "Every effort", 8) == want
 
