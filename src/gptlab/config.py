@@ -136,7 +136,7 @@ class TrainConfig:
     shuffle: bool = True
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     precision: str = field(default="auto", metadata={
-        "help": "autocast precision; auto is bf16 on a GPU with bf16 and, from 5M parameters, on a CPU with native "
+        "help": "autocast precision; auto is bf16 on a GPU with bf16 and, from 20M parameters, on a CPU with native "
                 "bf16 (avx512_bf16, amx_bf16), else fp32; bf16 is refused where the device lacks it",
         "choices": PRECISIONS})
     compile: bool = field(default=False, metadata={

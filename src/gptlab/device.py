@@ -61,10 +61,11 @@ def keep_freed_memory_mapped() -> bool:
 
 
 # --precision auto turns bf16 on for a CPU with native bf16 from this many parameters on (TrainConfig's help
-# says 5M): benchmarks/bench_bf16.py --what sizes measured bf16 training steps at 0.77x float32's tokens/s for
-# the tiny preset (1.6M) and 1.47x for mini (11.5M), 1.47x small (30M) and ~1.5x the 124M shape (README
-# "bfloat16"); below it the casts and elementwise work cost more than the faster matmuls save.
-AUTO_BF16_MIN_PARAMETERS = 5_000_000
+# says 20M). benchmarks/bench_bf16.py on the 2-core Zen 5 (busy machine; BENCHMARKS.md "bfloat16"), bf16 / fp32
+# training tokens/s with 2 threads and with 1: tiny (1.6M) 0.68x / 1.26x, mini (11.5M) 0.88x / 2.05x,
+# small (30M) 1.06x / 1.44x, the 124M shape 1.26x / 1.54x. From small on both runs favour bf16; below, the
+# casts and the extra small ops can cost more than the faster matmuls save.
+AUTO_BF16_MIN_PARAMETERS = 20_000_000
 
 
 @functools.lru_cache(maxsize=None)
