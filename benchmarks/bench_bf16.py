@@ -24,6 +24,7 @@ load elsewhere on the machine hits both alike; the ratios are what to read on a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -120,8 +121,9 @@ def bench_loss(args, device) -> list[str]:
                                  eval_interval=args.loss_steps, eval_batches=20, precision=precision,
                                  device=str(device), seed=123)
             start = time.perf_counter()
-            result = pretrain(SHAKESPEARE, Path(tmp) / precision, config, preset=args.loss_preset,
-                              progress=False, sample_prompt=None)
+            with contextlib.redirect_stdout(sys.stderr):  # the loop's evaluation lines: not into the tables
+                result = pretrain(SHAKESPEARE, Path(tmp) / precision, config, preset=args.loss_preset,
+                                  progress=False, sample_prompt=None)
             seconds = time.perf_counter() - start
             losses[precision] = result.val_loss
             lines.append(f"| {precision} | {result.val_loss:.4f} | {result.train_loss:.4f} | "
