@@ -62,10 +62,10 @@ def keep_freed_memory_mapped() -> bool:
 
 # --precision auto turns bf16 on for a CPU with native bf16 from this many parameters on (TrainConfig's help
 # says 20M). benchmarks/bench_bf16.py on the 2-core Zen 5 (a shared machine; BENCHMARKS.md "bfloat16"), bf16 / fp32
-# training tokens/s in three runs (2 threads at load 7-9, 1 thread, 2 threads at load 3): tiny (1.6M)
-# 0.68x / 1.26x / 1.24x, mini (11.5M) 0.88x / 2.05x / 1.41x, small (30M) 1.06x / 1.44x / 1.38x, the 124M
-# shape 1.26x / 1.54x / 1.60x. From small on every run favours bf16; below, the most loaded one did not
-# (the casts and the extra small ops), so small models stay in float32.
+# training tokens/s in four runs (2 threads at load 1-2, 2 threads at load 3, 1 thread, 2 threads at load 7-9):
+# tiny (1.6M) 1.22x / 1.24x / 1.26x / 0.68x, mini (11.5M) 1.29x / 1.41x / 2.05x / 0.88x, small (30M)
+# 1.48x / 1.38x / 1.44x / 1.06x, the 124M shape 1.56x / 1.60x / 1.54x / 1.26x. From small on every run favours
+# bf16; below, the most loaded one did not (the casts and the extra small ops), so small models stay float32.
 AUTO_BF16_MIN_PARAMETERS = 20_000_000
 
 
