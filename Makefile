@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml | $(PY)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# Pretrain the `demo` preset on the-verdict.txt until it has memorised it (train loss < 1), then sample.
+# Pretrain the `demo` preset on the-verdict.txt until it has memorised it (train loss < 1), then sample; in float32, as
+# README "What `make demo` does" measured it (--precision auto would pick bf16 on a CPU with native bf16).
 demo: setup
-	$(VENV)/bin/gptlab pretrain --data data/the-verdict.txt --preset demo --out runs/demo --overwrite \
+	$(VENV)/bin/gptlab pretrain --data data/the-verdict.txt --preset demo --out runs/demo --overwrite --precision fp32 \
 		--batch-size 2 --lr 1e-3 --warmup-steps 10 --max-steps 500 --eval-interval 250
 	$(VENV)/bin/gptlab generate --model runs/demo --prompt "Every effort moves you" --max-new-tokens 50
 
@@ -34,8 +35,9 @@ classifier: setup
 	$(VENV)/bin/gptlab classify --model runs/spam "WINNER!! Claim your free prize now, call 09061701461" "See you at lunch?"
 
 # The LLMs-from-scratch book's chapter-5 run (its GPT_CONFIG_124M, initialisation and AdamW): README "Reproduce the book's chapter 5".
+# In float32, as the book trains.
 book-ch5: setup
-	$(VENV)/bin/gptlab pretrain --data data/the-verdict.txt --preset book-124m --out runs/book-ch5 --overwrite --seed 123 \
+	$(VENV)/bin/gptlab pretrain --data data/the-verdict.txt --preset book-124m --out runs/book-ch5 --overwrite --seed 123 --precision fp32 \
 		--epochs 10 --batch-size 2 --lr 4e-4 --weight-decay 0.1 --adam-betas 0.9 0.999 \
 		--warmup-steps 0 --min-lr-ratio 1 --grad-clip 0 --eval-interval 5 --eval-train-batches 5
 

@@ -309,6 +309,9 @@ def main() -> None:
     ap.add_argument("--seq", type=positive_int, default=256)
     ap.add_argument("--tokens", type=positive_int, default=32, help="profiled new tokens for decoding, batch 1")
     ap.add_argument("--top", type=positive_int, default=15)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="train and decode: bf16 trains under bf16 autocast (as --precision bf16) and decodes with "
+                         "the weights in bf16 (as --dtype bf16); the peak-rate table is float32's only")
     ap.add_argument("--trace", help="also write a Chrome trace of the last profile here")
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="keep freed memory mapped (glibc mallopt, gptlab.device.keep_freed_memory_mapped), as "
@@ -321,12 +324,14 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPTModel(GPTConfig.preset(args.preset))
     V = model.config.vocab_size
+    amp = torch.bfloat16 if args.precision == "bf16" else None
     if args.what in ("train", "all"):
         optimizer = make_optimizer(model, TrainConfig(), torch.device("cpu"))
         tokens = torch.randint(0, V, (args.batch, args.seq + 1))
 
         def step() -> None:
-            loss = lm_loss(model, (tokens[:, :-1], tokens[:, 1:]))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):
+                loss = lm_loss(model, (tokens[:, :-1], tokens[:, 1:]))
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -335,15 +340,21 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):
                 step()
-        summarise(prof, f"training, {args.steps} steps of {args.batch} x {args.seq} tokens", args.top)
-        train_ceiling(model, step, args.batch, args.seq, args.rounds)
+        summarise(prof, f"training, {args.steps} steps of {args.batch} x {args.seq} tokens, {args.precision}", args.top)
+        if amp is None:
+            train_ceiling(model, step, args.batch, args.seq, args.rounds)
     if args.quantize and args.what != "decode":
         raise SystemExit("profile_speed.py: error: --quantize profiles decoding: give --what decode")
+    if args.quantize and amp is not None:
+        raise SystemExit("profile_speed.py: error: --quantize and --precision bf16 do not combine (the integer "
+                         "kernels already take bf16 activations)")
     if args.quantize:
         from gptlab.config import QuantizeConfig
         from gptlab.quantize import quantize_model
 
         quantize_model(model.eval(), QuantizeConfig(args.quantize))
+    if amp is not None:
+        model = model.to(torch.bfloat16)  # decoding: the weights held in bf16, as gptlab generate --dtype bf16
     if args.what in ("decode", "all"):
         ids = torch.randint(0, V, (1, 16))
         generate(model, ids, 4)

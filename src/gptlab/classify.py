@@ -34,7 +34,7 @@ from gptlab.evaluate import ClassificationReport, classification_report
 from gptlab.files import atomic_write_text, read_text
 from gptlab.model import GPTModel
 from gptlab.run import check_output_path, read_run_config
-from gptlab.weights import load_run, quantize_loaded
+from gptlab.weights import in_precision, load_run
 from gptlab.tokenizer import Tokenizer
 
 log = logging.getLogger("gptlab")
@@ -104,13 +104,15 @@ class Classifier:
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device = "cpu",
-             quantize: QuantizeConfig | None = None) -> "Classifier":
+             quantize: QuantizeConfig | None = None, dtype: torch.dtype | None = None) -> "Classifier":
+        """A classifier run on ``device``, quantized with ``quantize`` (``--quantize``) or its weights in ``dtype``
+        (``--dtype``; None: as stored, float32)."""
         config = read_run_config(run_dir)
         if config.get("stage") != STAGE or "labels" not in config:
             raise GptlabError(f"{run_dir}: not a classifier run (stage {config.get('stage')!r}); "
                               "train one with `gptlab finetune-classifier`")
         model, tokenizer, config = load_run(run_dir, device=device)
-        model = quantize_loaded(model, quantize, run_dir)  # --quantize: int8/int4 linears (gptlab.quantize)
+        model = in_precision(model, device, quantize, dtype, run_dir)
         return cls(model, tokenizer, list(config["labels"]), int(config[STAGE]["max_length"]))
 
     def predict_proba(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:

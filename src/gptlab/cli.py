@@ -128,6 +128,17 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 
 def add_device_argument(p) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="hold the weights in float32 or bfloat16 (half the memory and the bytes read per token; "
+                        "refused on a device without native bf16; default: %(default)s)")
+
+
+def load_options(args) -> dict:
+    """``--device`` and ``--dtype`` as the loaders take them (``device=``, ``dtype=``), checked."""
+    from gptlab.device import inference_dtype, select_device
+
+    device = select_device(args.device)
+    return {"device": device, "dtype": inference_dtype(args.dtype, device)}
 
 
 def add_quantize_arguments(p) -> None:
@@ -213,13 +224,12 @@ def add_generate(sub) -> None:
 
 
 def run_generate(args) -> None:
-    from gptlab.device import select_device
     from gptlab.generate import generate_texts, stream_text
     from gptlab.speculative import SpeculationStats
     from gptlab.weights import load, require_language_model
 
     sampling = sampling_kwargs(args)
-    model, tokenizer = load(args.model, device=select_device(args.device), quantize=quantize_option(args))
+    model, tokenizer = load(args.model, quantize=quantize_option(args), **load_options(args))
     require_language_model(model, args.model, "generate")
     load_draft(sampling, model, tokenizer)
     n = sampling["num_return_sequences"]
@@ -247,7 +257,8 @@ def load_draft(sampling: dict, model, tokenizer) -> None:
     from gptlab.weights import load, require_language_model
 
     source = sampling["draft"]
-    draft, draft_tokenizer = load(source, device=next(model.parameters()).device)
+    weight = next(model.parameters())
+    draft, draft_tokenizer = load(source, device=weight.device, dtype=weight.dtype)  # the model's --device, --dtype
     require_language_model(draft, source, "--draft")
     check_draft(model, draft, tokenizer, draft_tokenizer, name=f"--draft {source}")
     sampling["draft"] = draft
@@ -349,14 +360,13 @@ def run_finetune_instruct(args) -> int:
 
 def _load_instruct_model(args, sampling: dict | None = None):
     """The model, its tokenizer and prompt style; with ``sampling``, also the --draft model, loaded into it."""
-    from gptlab.device import select_device
     from gptlab.respond import model_prompt_style
     from gptlab.weights import load, require_language_model
 
     if sampling is not None and sampling["num_return_sequences"] != 1:
         raise GptlabError(f"{args.command} gives one answer per {'turn' if args.command == 'chat' else 'record'}; "
                           "drop --num-return-sequences (gptlab generate prints several)")
-    model, tokenizer = load(args.model, device=select_device(args.device), quantize=quantize_option(args))
+    model, tokenizer = load(args.model, quantize=quantize_option(args), **load_options(args))
     require_language_model(model, args.model, args.command)
     if sampling is not None:
         load_draft(sampling, model, tokenizer)
@@ -518,7 +528,7 @@ def run_serve(args) -> None:
     torch.set_num_threads(threads)  # process-wide, so the command sets it, not the library
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
           limits=limits, device=args.device, name=args.model_name, prompt_style=args.prompt_style,
-          allowed_hosts=tuple(args.allowed_host), quantize=quantize_option(args))
+          allowed_hosts=tuple(args.allowed_host), quantize=quantize_option(args), dtype=args.dtype)
 
 
 # ---- preference tuning (DPO) -------------------------------------------------------------------
@@ -619,7 +629,6 @@ def add_classify(sub) -> None:
 
 def run_classify(args) -> None:
     from gptlab.classify import Classifier, classify_file
-    from gptlab.device import select_device
     from gptlab.run import check_output_path
 
     if bool(args.texts) == bool(args.input):
@@ -630,7 +639,7 @@ def run_classify(args) -> None:
         raise GptlabError(f"batch-size must be positive, got {args.batch_size}")
     if args.output:
         check_output_path(args.output, [args.input])  # before classifying every text
-    classifier = Classifier.load(args.model, device=select_device(args.device), quantize=quantize_option(args))
+    classifier = Classifier.load(args.model, quantize=quantize_option(args), **load_options(args))
     if args.texts:
         for text, pred in zip(args.texts, classifier.predict(args.texts, args.batch_size)):
             print(f"{pred.label}\t{pred.probability:.4f}" + (f"\t{text}" if len(args.texts) > 1 else ""))

@@ -136,7 +136,9 @@ class TrainConfig:
     shuffle: bool = True
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     precision: str = field(default="auto", metadata={
-        "help": "autocast precision; auto is bf16 on a capable GPU, else fp32", "choices": PRECISIONS})
+        "help": "autocast precision; auto is bf16 on a GPU with bf16 and, from 20M parameters, on a CPU with native "
+                "bf16 (avx512_bf16, amx_bf16), else fp32; bf16 is refused where the device lacks it",
+        "choices": PRECISIONS})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the model: for GPUs, after a warm-up. On the CPU it loses gptlab's oneDNN kernels "
                 "(0.55x the default at the 124M shape; BENCHMARKS.md)"})

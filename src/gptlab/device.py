@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
+import logging
 
 import torch
 
 from gptlab.errors import GptlabError
+
+log = logging.getLogger("gptlab")
 
 
 def _mps_available() -> bool:
@@ -56,11 +60,93 @@ def keep_freed_memory_mapped() -> bool:
         return False
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain float32. CPUs without bf16 units run it ~100x slower."""
+# --precision auto turns bf16 on for a CPU with native bf16 from this many parameters on (TrainConfig's help
+# says 20M). benchmarks/bench_bf16.py on the 2-core Zen 5 (a shared machine; BENCHMARKS.md "bfloat16"), bf16 / fp32
+# training tokens/s in four runs (2 threads at load 1-2, 2 threads at load 3, 1 thread, 2 threads at load 7-9):
+# tiny (1.6M) 1.22x / 1.24x / 1.26x / 0.68x, mini (11.5M) 1.29x / 1.41x / 2.05x / 0.88x, small (30M)
+# 1.48x / 1.38x / 1.44x / 1.06x, the 124M shape 1.56x / 1.60x / 1.54x / 1.26x. From small on every run favours
+# bf16; below, the most loaded one did not (the casts and the extra small ops), so small models stay float32.
+AUTO_BF16_MIN_PARAMETERS = 20_000_000
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_instructions() -> str | None:
+    """The CPU's native bfloat16 instruction set as /proc/cpuinfo names it (``amx_bf16``, ``avx512_bf16``;
+    ``bf16`` on Arm), or None: without one torch emulates bf16, ~100x slower than float32 on an AVX2 CPU.
+
+    Read from the flags, never assumed from the vendor or torch's build: torch's own
+    ``torch.backends.cpu.get_cpu_capability()`` says ``AVX512`` for a CPU with and one without avx512_bf16.
+    No /proc/cpuinfo (macOS, Windows): None, so bf16 stays off where it cannot be checked.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        return None
+    return next((name for name in ("amx_bf16", "avx512_bf16", "bf16") if name in flags), None)
+
+
+def bf16_problem(device: torch.device) -> str | None:
+    """Why ``device`` has no native bfloat16, or None when it has it."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        try:  # torch >= 2.3 would otherwise count a GPU that only emulates bf16 (pre-Ampere) as capable
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:
+            native = torch.cuda.is_bf16_supported()
+        return None if native else f"the GPU {torch.cuda.get_device_name(index)} has no native bfloat16"
+    if device.type == "cpu":
+        if cpu_bf16_instructions() is None:
+            return ("this CPU has no native bfloat16 (no avx512_bf16, amx_bf16 or bf16 among its /proc/cpuinfo "
+                    "flags), where torch emulates it many times slower than float32")
+        return None
+    if device.type == "mps":
+        newer = getattr(torch.backends.mps, "is_macos_or_newer", None)
+        return None if newer is not None and newer(14, 0) else "Apple's MPS runs bfloat16 from macOS 14 on"
+    return f"gptlab does not know whether {device.type} has bfloat16"
+
+
+def check_bf16(device: torch.device, option: str) -> None:
+    """A one-line ``GptlabError`` for ``option bf16`` on a device without native bfloat16, naming what to use."""
+    problem = bf16_problem(device)
+    if problem is not None:
+        raise GptlabError(f"{option} bf16 on {device}: {problem}; use {option} fp32")
+
+
+def resolve_precision(precision: str, device: torch.device, parameters: int | None = None) -> torch.dtype | None:
+    """The autocast dtype for training, or None for plain float32; ``bf16`` is refused where it is not native.
+
+    ``auto``: bf16 on a GPU with bf16; on a CPU with native bf16 for a model of at least
+    ``AUTO_BF16_MIN_PARAMETERS`` ``parameters`` (where it measured faster); else fp32. The choice is logged.
+    """
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        precision, why = "fp32", "no native bfloat16 here"
+        if device.type == "cuda" and bf16_problem(device) is None:
+            precision, why = "bf16", "the GPU has native bfloat16"
+        elif device.type == "cpu" and cpu_bf16_instructions() is not None:
+            if parameters is not None and parameters >= AUTO_BF16_MIN_PARAMETERS:
+                precision, why = "bf16", (f"the CPU has {cpu_bf16_instructions()} and the model has "
+                                          f"{parameters:,} parameters")
+            else:
+                why = (f"the CPU has {cpu_bf16_instructions()}, but below {AUTO_BF16_MIN_PARAMETERS:,} parameters "
+                       "float32 trains faster")
+        log.info("precision auto: %s (%s; --precision fp32 or bf16 to choose)", precision, why)
+    elif precision == "bf16":
+        check_bf16(device, "--precision")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def inference_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype ``--dtype NAME`` holds a model's weights in for inference on ``device``, checked."""
+    if name not in INFERENCE_DTYPES:
+        raise GptlabError(f"--dtype must be one of {', '.join(INFERENCE_DTYPES)}; got {name!r}")
+    if name == "bf16":
+        check_bf16(device, "--dtype")
+    return INFERENCE_DTYPES[name]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

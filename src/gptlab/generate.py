@@ -21,7 +21,7 @@ from __future__ import annotations
 import codecs
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import closing, nullcontext
+from contextlib import closing
 from dataclasses import dataclass
 
 import torch
@@ -118,8 +118,8 @@ def _stream(model: GPTModel, ids: torch.Tensor, max_new_tokens: int, temperature
     cache = None
     if use_cache:  # sized to what this call can reach, not the whole context
         cache = KVCache(model.config, B, min(ctx, T + max_new_tokens), device, model.wpe.weight.dtype)
-    # batched decoding reads oneDNN-packed weight copies (twice the speed, for their memory, freed after)
-    with packed_weights(model, B) if B > 1 else nullcontext():
+    # batched (or bf16) decoding reads oneDNN-packed weight copies (twice the speed, for their memory, freed after)
+    with packed_weights(model, B):
         for n in range(T, T + max_new_tokens):  # n: tokens so far
             if cache is not None and n <= ctx:
                 logits = model(buffer[:, cache.pos : n], cache=cache, last_only=True)

@@ -213,7 +213,7 @@ class _Run:
         self.main = self.rank == 0  # the one rank that writes files, logs and draws the progress bar
         self.fsdp = config.fsdp and self.world > 1
         self.device = distributed.rank_device(select_device(config.device))
-        self.amp_dtype = resolve_precision(config.precision, self.device)
+        self.amp_dtype = resolve_precision(config.precision, self.device, sum(p.numel() for p in model.parameters()))
         model.to(self.device).train()
         torch.manual_seed(config.seed + self.rank)  # each rank its own dropout masks; rank 0 those of one process
         random.seed(config.seed + self.rank)

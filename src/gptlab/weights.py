@@ -88,11 +88,14 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 def load(
     source: str | Path, device: str | torch.device = "cpu", expect: GPTConfig | None = None,
     quantize: QuantizeConfig | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[GPTModel, Tokenizer]:
     """Load a model and its tokenizer from ``source`` (see the module docstring), in eval mode on ``device``.
 
     ``expect``: the config the caller needs; an architecture that differs raises ``GptlabError`` naming the
     fields, and the model takes ``expect.dropout``. ``quantize``: quantize it as it loads (``quantize_loaded``).
+    ``dtype``: hold the weights in it (``torch.bfloat16`` for ``--dtype bf16``: half the bytes read per decoded
+    token; ``gptlab.device.inference_dtype`` checks it). The two do not combine (``in_precision``).
     """
     text = str(source)
     path = Path(source)
@@ -110,7 +113,20 @@ def load(
     if expect is not None:
         check_config(model.config, expect, source)
         model.set_dropout(expect.dropout)
-    return quantize_loaded(model.to(device), quantize, source).eval(), tokenizer
+    return in_precision(model, device, quantize, dtype, source).eval(), tokenizer
+
+
+def in_precision(model: GPTModel, device: str | torch.device, quantize: QuantizeConfig | None,
+                 dtype: torch.dtype | None, source: str | Path) -> GPTModel:
+    """The loaded ``model`` on ``device``, its weights in ``dtype`` or quantized with ``quantize``.
+
+    bf16 weights and int8/int4 weights are two answers to one question, and the integer kernels already take
+    bf16 activations; casting a quantized model would cast its scales too. So the two are refused together.
+    """
+    if dtype not in (None, torch.float32) and (quantize is not None or is_quantized(model)):
+        raise GptlabError(f"{source}: --dtype bf16 does not combine with int8/int4 weights (their kernels already "
+                          "run in bf16); drop --dtype, or load the float run without --quantize")
+    return quantize_loaded(model.to(device=device, dtype=dtype), quantize, source)
 
 
 def quantize_loaded(model: GPTModel, quantize: QuantizeConfig | None, source: str | Path) -> GPTModel:

@@ -101,7 +101,7 @@ def finetune_dpo(
 
     collate = partial(collate_preferences, pad_id=tokenizer.eot_id, max_length=max_length)
     device = select_device(train_config.device)
-    dtype = resolve_precision(train_config.precision, device)  # the loop's autocast, so step 0 matches bit for bit
+    dtype = resolve_precision(train_config.precision, device, model.num_parameters())  # the loop's autocast, so step 0 matches bit for bit
     stage_files[REFERENCE_FILE] = _attach_reference(model, (train_set, val_set), out, resume, settings, collate,
                                                     train_config.batch_size, device, dtype)
 

@@ -65,9 +65,11 @@ class ServedModel:
 
     @classmethod
     def load(cls, source: str | Path, device: str | torch.device = "cpu", name: str | None = None,
-             prompt_style: str | None = None, quantize: QuantizeConfig | None = None) -> "ServedModel":
-        """Any source ``gptlab.load`` reads; a run directory also supplies its prompt style or classifier labels."""
-        model, tokenizer = load(source, device=device, quantize=quantize)
+             prompt_style: str | None = None, quantize: QuantizeConfig | None = None,
+             dtype: torch.dtype | None = None) -> "ServedModel":
+        """Any source ``gptlab.load`` reads, quantized (``--quantize``) or its weights in ``dtype`` (``--dtype``);
+        a run directory also supplies its prompt style or classifier labels."""
+        model, tokenizer = load(source, device=device, quantize=quantize, dtype=dtype)
         meta = source_metadata(source)
         labels = meta.get("labels") if meta.get("stage") == "classifier" else None
         max_length = (meta.get("classifier") or {}).get("max_length") if labels is not None else None

@@ -19,7 +19,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from gptlab.config import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, QuantizeConfig, ServeLimits  # noqa: F401  (API_KEY_ENV: re-exported)
-from gptlab.device import select_device
+from gptlab.device import inference_dtype, select_device
 from gptlab.errors import GptlabError
 from gptlab.serve.app import create_app
 from gptlab.serve.engine import ServedModel
@@ -160,8 +160,9 @@ class BackgroundServer:
 def serve(source: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None,
           limits: ServeLimits = ServeLimits(), device: str = "auto", name: str | None = None,
           prompt_style: str | None = None, log_level: str = "info", allowed_hosts: Sequence[str] = (),
-          quantize: QuantizeConfig | None = None) -> None:
-    """Load ``source`` (quantized as it loads with ``quantize``) and serve it until interrupted (``gptlab serve``).
+          quantize: QuantizeConfig | None = None, dtype: str = "fp32") -> None:
+    """Load ``source`` and serve it until interrupted (``gptlab serve``): quantized as it loads with ``quantize``
+    (``--quantize``), or its weights in ``dtype`` (``--dtype`` fp32 or bf16).
 
     torch's thread count is the caller's to set (``gptlab serve --threads``): it is process-wide.
     """
@@ -169,8 +170,9 @@ def serve(source: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
         log.warning(warning)
     sock = listening_socket(host, port)
     try:
-        served = ServedModel.load(source, device=select_device(device), name=name, prompt_style=prompt_style,
-                                  quantize=quantize)
+        where = select_device(device)
+        served = ServedModel.load(source, device=where, name=name, prompt_style=prompt_style,
+                                  quantize=quantize, dtype=inference_dtype(dtype, where))
         app = create_app(served, api_key=api_key, limits=limits, allowed_hosts=allowed_hosts)
         shown = f"[{host}]" if ":" in host else host
         port = sock.getsockname()[1]
