@@ -151,3 +151,17 @@ def test_what_the_batch_cannot_decode_is_refused(model, tokenizer):
         batch.add("x", SamplingConfig(num_beams=2))
     with pytest.raises(GptlabError, match="top logprobs"):
         batch.add("x", SamplingConfig(), logprobs=21)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_quantized_model_batches_like_it_decodes_alone(tokenizer, kind):
+    # The server batches whatever `--quantize` loaded: its integer layers see 1 to 3 rows per step here.
+    from gptlab.config import QuantizeConfig
+    from gptlab.quantize import quantize_model
+
+    torch.manual_seed(0)
+    quantized = quantize_model(GPTModel(GPTConfig.preset("tiny")).eval(), QuantizeConfig(kind))
+    configs = [SamplingConfig(max_new_tokens=n) for n in (12, 5, 9)]
+    arrivals = {0: [(PROMPTS[0], configs[0]), (PROMPTS[1], configs[1])], 2: [(PROMPTS[2], configs[2])]}
+    _, texts, _ = run(ContinuousBatch(quantized, tokenizer), arrivals)
+    assert texts == [alone(quantized, tokenizer, p, c) for p, c in zip(PROMPTS, configs)]

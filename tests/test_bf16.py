@@ -205,3 +205,16 @@ def test_bf16_training_loss_follows_float32(tmp_path, verdict_path, bf16_cpu):
     for result in (fp32, bf16):
         assert float(result.history[-1]["val_loss"]) < float(result.history[0]["val_loss"])  # both learn
     assert abs(bf16.val_loss - fp32.val_loss) < 0.01 * fp32.val_loss
+
+
+def test_bf16_weights_and_quantized_weights_do_not_combine(tiny_lm_run, bf16_cpu, capsys):
+    argv = ["generate", "--model", str(tiny_lm_run), "--prompt", "Hi", "--device", "cpu", "--dtype", "bf16"]
+    assert main([*argv, "--quantize", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--dtype bf16 does not combine with int8/int4" in err, err
+    from gptlab.config import QuantizeConfig
+
+    with pytest.raises(GptlabError, match="drop --dtype"):
+        load(tiny_lm_run, quantize=QuantizeConfig("int4"), dtype=torch.bfloat16)
+    model, _ = load(tiny_lm_run, quantize=QuantizeConfig("int8"), dtype=torch.float32)  # fp32 is the default
+    assert model.quantization is not None
