@@ -33,11 +33,8 @@ STEP_S = 0.05
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    run = tmp_path_factory.mktemp("batching") / "tiny-lm"
-    torch.manual_seed(0)
-    save_model(run, GPTModel(GPTConfig.preset("tiny")), GPT2Tokenizer(), {"prompt_style": "alpaca"})
-    return ServedModel.load(run)
+def served(tiny_lm_run):
+    return ServedModel.load(tiny_lm_run)
 
 
 @pytest.fixture(scope="module")

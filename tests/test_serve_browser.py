@@ -10,14 +10,10 @@ import shutil
 import tempfile
 
 import pytest
-import torch
 
 from gptlab.generate import generate_text
-from gptlab.model import GPTConfig, GPTModel
 from gptlab.prompts import get_prompt_style
-from gptlab.run import save_model
 from gptlab.serve import BackgroundServer, ServedModel, create_app
-from gptlab.tokenizer import GPT2Tokenizer
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (the dev extra)")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -33,11 +29,8 @@ SEED = 5
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    run = tmp_path_factory.mktemp("browser") / "page-model"
-    torch.manual_seed(0)
-    save_model(run, GPTModel(GPTConfig.preset("tiny")), GPT2Tokenizer(), {"prompt_style": "alpaca"})
-    return ServedModel.load(run)
+def served(tiny_lm_run):
+    return ServedModel.load(tiny_lm_run)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +87,7 @@ def test_chat_page_streams_replies_keeps_and_clears_the_conversation(browser, se
     browser.get(server.url + "/")
     assert browser.title == "gptlab chat"
     set_value(browser, "api-key", KEY)  # the server wants a key: the page asks for it, then loads the model
-    WebDriverWait(browser, 15).until(lambda d: "page-model" in d.find_element(By.ID, "model").text)
+    WebDriverWait(browser, 15).until(lambda d: "tiny-lm" in d.find_element(By.ID, "model").text)
     assert "alpaca" in browser.find_element(By.ID, "model").text
     set_value(browser, "mode", "chat")
     set_value(browser, "temperature", 1)

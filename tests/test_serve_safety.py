@@ -34,11 +34,8 @@ STEP_S = 0.05  # each generation step, slowed to this in the cancellation tests:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    run = tmp_path_factory.mktemp("safety") / "tiny-lm"
-    torch.manual_seed(0)
-    save_model(run, GPTModel(GPTConfig.preset("tiny")), GPT2Tokenizer(), {"prompt_style": "alpaca"})
-    return ServedModel.load(run)
+def served(tiny_lm_run):
+    return ServedModel.load(tiny_lm_run)
 
 
 @pytest.fixture(scope="module")

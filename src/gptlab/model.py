@@ -22,17 +22,20 @@ from gptlab.linear import CPULinear
 from gptlab.loss import lm_head_loss
 
 
+def layer_buffers(alloc, config: GPTConfig, rows: int, max_len: int, device, dtype) -> tuple[tuple, tuple]:
+    """Keys and values for every layer: one allocation each, kept as per-layer views (picking a layer is then
+    a tuple lookup, not an op): n_layer x (rows, nh, max_len, hs) each."""
+    shape = (config.n_layer, rows, config.n_head, max_len, config.n_embd // config.n_head)
+    k, v = alloc(shape, device=device, dtype=dtype), alloc(shape, device=device, dtype=dtype)
+    return tuple(k[layer] for layer in range(config.n_layer)), tuple(v[layer] for layer in range(config.n_layer))
+
+
 class KVCache:
     """Preallocated keys and values for every layer, so decoding writes in place instead of concatenating."""
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> None:
-        hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
-        # empty, not zeros: only positions < pos are ever read, and zeroing costs a full write of the cache;
-        # one allocation each, kept as per-layer views (picking a layer is then a tuple lookup, not an op)
-        k, v = torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype)
-        self.k = tuple(k[layer] for layer in range(config.n_layer))  # n_layer x (B, nh, max_len, hs)
-        self.v = tuple(v[layer] for layer in range(config.n_layer))
+        # empty, not zeros: only positions < pos are ever read, and zeroing costs a full write of the cache
+        self.k, self.v = layer_buffers(torch.empty, config, batch_size, max_len, device, dtype)
         self.pos = 0  # number of positions already filled
         self.max_len = max_len
 
@@ -82,12 +85,8 @@ class RaggedKVCache:
     """
 
     def __init__(self, config: GPTConfig, rows: int, max_len: int, device, dtype) -> None:
-        hs = config.n_embd // config.n_head
-        shape = (config.n_layer, rows, config.n_head, max_len, hs)
         # zeros, not empty: a masked position still enters the product (0 x NaN is NaN), so it must be finite
-        k, v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
-        self.k = tuple(k[layer] for layer in range(config.n_layer))  # n_layer x (rows, nh, max_len, hs)
-        self.v = tuple(v[layer] for layer in range(config.n_layer))
+        self.k, self.v = layer_buffers(torch.zeros, config, rows, max_len, device, dtype)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)  # positions filled, per row
         self.rows, self.max_len = rows, max_len
         self._step: tuple[torch.Tensor, int, torch.Tensor] | None = None  # this step's positions, span, mask
