@@ -206,3 +206,46 @@ def test_sigterm_to_torchrun_checkpoints_once_and_the_ranks_exit_0(tmp_path, ver
     alone = subprocess.run([sys.executable, "-m", "gptlab", "pretrain", "--out", str(out), "--resume"],
                            capture_output=True, text=True, env=ENV, timeout=120)
     assert alone.returncode == 2 and "trained on 2 rank(s)" in alone.stderr, alone.stderr
+
+
+def test_the_instruct_and_dpo_stages_run_whole_under_torchrun(tmp_path):
+    # Their losses are tested equal to one process above; here the whole commands, one after the other, as a
+    # user runs them: the stage files come from rank 0 and a single process loads the result.
+    records = json.loads((Path(__file__).parents[1] / "data" / "instruction-data-with-preference.json").read_text())
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(records[:40]))
+    common = ["--preset", "tiny", "--batch-size", "2", "--max-steps", "3", "--eval-interval", "3", "--quiet",
+              "--device", "cpu", "--max-length", "64"]
+    sft, dpo = tmp_path / "sft", tmp_path / "dpo"
+    for args in (["finetune-instruct", "--data", str(data), "--out", str(sft), *common],
+                 ["finetune-dpo", "--data", str(data), "--init", str(sft), "--out", str(dpo),
+                  *[a for a in common if a not in ("--preset", "tiny")]]):
+        launcher = gptlab_under_torchrun(args)
+        stdout, stderr = launcher.communicate(timeout=180)
+        assert launcher.returncode == 0, stderr[-3000:]
+        assert "global batch 4 = batch size 2 x grad accum 1 x 2 ranks" in stderr, stderr[-2000:]
+        assert stdout.count("done: step 3") == 1, stdout  # rank 0's summary only
+    assert (sft / "test.json").exists() and (dpo / "model.safetensors").exists()
+    answers = tmp_path / "answers.json"
+    respond = subprocess.run([sys.executable, "-m", "gptlab", "respond", "--model", str(dpo), "--input",
+                              str(sft / "test.json"), "--output", str(answers), "--limit", "2", "--max-new-tokens",
+                              "4", "--quiet"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert respond.returncode == 0 and len(json.loads(answers.read_text())) == 2, respond.stderr
+
+
+def test_a_rank_with_no_validation_batch_of_its_own_still_runs_the_forward_fsdp_needs():
+    from gptlab.train import score_share
+
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(batch)
+        return torch.tensor(2.0)
+
+    one_batch = [torch.tensor([7])]
+    model = torch.nn.Linear(1, 1)
+    assert score_share(model, one_batch, loss_fn, torch.device("cpu"), rank=1, world=2) == (0.0, 0)
+    assert calls == one_batch  # rank 0's batch, scored and left out: both ranks ran one forward
+    calls.clear()
+    assert score_share(model, one_batch, loss_fn, torch.device("cpu"), rank=0, world=2) == (2.0, 1)
+    assert len(calls) == 1

@@ -112,7 +112,7 @@ def score_share(model: torch.nn.Module, loader: DataLoader, loss_fn: LossFn, dev
     the first ``max_batches`` batches of ``loader``, in eval mode; summed over the ranks, one process's.
 
     Every rank runs the same number of forwards (an FSDP forward gathers weights from all of them): a rank
-    with one batch fewer scores its last again and leaves it out.
+    with one batch fewer scores its last again (or, with none of its own, the first) and leaves it out.
     """
     was_training = model.training
     model.eval()
@@ -121,6 +121,7 @@ def score_share(model: torch.nn.Module, loader: DataLoader, loss_fn: LossFn, dev
         if max_batches is not None and i >= max_batches:
             break
         if i % world != rank:
+            last = batch if last is None else last  # a spare for a rank with fewer batches than ranks
             continue
         with autocast(device, dtype):
             total += loss_fn(model, to_device(batch, device)).item()
