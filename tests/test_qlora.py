@@ -128,6 +128,10 @@ def test_a_qlora_run_holds_the_adapters_loads_in_the_using_commands_and_exports(
                               "--temperature", 0)
     assert code == 0 and text.startswith("Every effort"), err
 
+    code, requantized, err = run_cli(capsys, "generate", "--model", out, "--quantize", "int4", "--prompt",
+                                     "Every effort", "--max-new-tokens", 4, "--temperature", 0)
+    assert code == 0 and requantized.startswith("Every effort"), err  # dequantized, merged, then int4
+
     code, text, err = run_cli(capsys, "export", "--format", "peft", out, tmp_path / "peft")
     assert code == 0, err
     peft = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
