@@ -15,6 +15,7 @@ is, inside a ``LoRAOverLayer``: only the adapters are float, and only they train
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -74,7 +75,7 @@ class LoRAOverLayer(LoRAAdapter):
         super().__init__()
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        device = next(iter(base.state_dict().values())).device  # a quantized layer's weight is integer buffers
+        device = next(itertools.chain(base.parameters(), base.buffers())).device  # a quantized weight: buffers
         self._add_adapter(base.in_features, base.out_features, rank, alpha, dropout, device)
 
     @property
