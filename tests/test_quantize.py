@@ -291,8 +291,8 @@ def test_export_dequantizes_to_float32(runs, tmp_path, capsys):
     (["generate", "--model", "{float}", "--group-size", "32", "--prompt", "hi"], "add --quantize int4 or leave it out"),
     (["pretrain", "--data", str(VERDICT), "--init", "{int8}", "--out", "{tmp}/x", "--max-steps", "1"],
      "is quantized (int8): its weights are integers, which do not train"),
-    (["finetune-classifier", "--data", str(SPAM), "--init", "{int4}", "--lora", "--out", "{tmp}/x", "--max-steps",
-      "1"], "LoRA on a quantized base is not supported yet"),
+    (["finetune-classifier", "--data", str(SPAM), "--init", "{int4}", "--out", "{tmp}/x", "--max-steps",
+      "1"], "is quantized (int4, groups of 32): its weights are integers, which do not train; add --lora"),
 ])
 def test_bad_input_is_one_clear_line(runs, tmp_path, capsys, args, message):
     paths = {k: str(v) for k, v in runs.items()} | {"tmp": str(tmp_path)}

@@ -20,7 +20,8 @@ Kernels, measured on the 2-core Zen 5 (AVX-512 VNNI and BF16) this was built on 
   slower), on a copy of the weight in the op's own packed layout, made once per layer.
 - bfloat16 activations round each input to 8 significant bits (0.4% at most); the int8 / int4 weights' own
   rounding is up to 0.4% of a row's largest weight / 3% of a group's range, so the activations add little (README).
-- elsewhere (another device, autocast, gradients, a missing or wrong op): dequantize, then ``F.linear``.
+- elsewhere (another device, autocast, gradients, a missing or wrong op): dequantize, then ``F.linear``; with a
+  gradient to the input (LoRA over the layer) the float weight is made again in the backward, not kept.
 
 The ops are private to torch: each is looked up on first use and checked against the dequantize-matmul on a tiny
 input (``gptlab.linear._checked_op``); where one is missing or wrong, one log line says so and the fallback runs.
@@ -67,8 +68,16 @@ class QuantizedLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _fallback(self, x: torch.Tensor) -> torch.Tensor:
-        """Dequantize, then F.linear: any device, dtype and autograd mode."""
+        """Dequantize, then F.linear: any device, dtype and autograd mode. With a gradient to x (LoRA over this
+        layer: QLoRA) the float weight is not kept for the backward pass (``_FrozenProduct``)."""
+        if torch.is_grad_enabled() and x.requires_grad and not torch.is_autocast_enabled(x.device.type):
+            self.keep_rows()
+            return self._with_bias(_FrozenProduct.apply(x, self))
         return self._with_bias(F.linear(x, self.weight.to(x.dtype)))
+
+    def keep_rows(self) -> None:
+        """The weight is about to be read on every training step: keep it cheap to read. An int8 layer's integers
+        are already its one readable copy; Int4Linear's may have been replaced by the kernel's."""
 
     def _fast(self, x: torch.Tensor) -> bool:
         """The integer kernels take float32 or bfloat16 CPU activations without gradients, outside autocast and
@@ -79,6 +88,22 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class _FrozenProduct(torch.autograd.Function):
+    """``x W^T`` of a frozen quantized layer, with a gradient to x alone: the float weight is made in the forward and
+    again in the backward, and dropped in between. Through F.linear autograd would keep every layer's float weight
+    from the forward to the backward: the float model's bytes again, which training over integers is there to avoid
+    (QLoRA's backward dequantizes again as well)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer  # the module, not a tensor: nothing of it is saved but the integers it already holds
+        return F.linear(x, layer.weight.to(x.dtype))  # (..., N)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ ctx.layer.weight.to(grad.dtype), None  # (..., N) @ (N, K) -> (..., K)
 
 
 class Int8Linear(QuantizedLinear):
@@ -171,6 +196,12 @@ class Int4Linear(QuantizedLinear):
             return self.weight_int
         return _from_kernel_weight(self._packed_by, self._packed[0], self.out_features, self.in_features,
                                    self.group_size)
+
+    def keep_rows(self) -> None:
+        """Training reads the weight twice a step: keep gptlab's layout beside the kernel's copy, as a tied head does
+        (rebuilding it through the op is a (K, K) product each time)."""
+        if not self.rows_read:
+            self.weight_int, self.rows_read = self.own_layout(), True
 
     def unpacked_rows(self, rows) -> torch.Tensor:
         """The 4-bit values of ``rows`` as uint8, (n, K)."""

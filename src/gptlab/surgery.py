@@ -3,7 +3,7 @@
     add_classifier_head  ``lm_head`` becomes ``Linear(n_embd, num_classes)``, untied from ``wte``
     rebuild_head         the head a saved run was trained with, rebuilt from its ``config.json`` metadata
     select_trainable     which parameters train (``TRAINABLE_PARTS``); the output head always does
-    add_lora             freeze the model, give chosen layers LoRA adapters (``gptlab.lora.LoRALinear``)
+    add_lora             freeze the model, give chosen layers LoRA adapters (``gptlab.lora.lora_layer``)
     merge_lora           fold the adapters into the weights: an ordinary model again
     trained_names        what a LoRA model's run stores (the adapters, a classifier's head)
     weights_fingerprint  the digest of a model's weights, by which a LoRA run knows its base
@@ -23,7 +23,7 @@ import torch.nn as nn
 from gptlab.config import LoRAConfig
 from gptlab.errors import GptlabError
 from gptlab.linear import CPULinear
-from gptlab.lora import LoRALinear
+from gptlab.lora import LoRAAdapter, lora_layer
 from gptlab.model import GPTModel
 
 
@@ -68,7 +68,7 @@ def _train_adapters(model: GPTModel) -> None:
     if getattr(model, "lora", None) is None:
         raise GptlabError("only a model with LoRA adapters (add_lora, --lora) trains its adapters alone")
     for module in model.modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRAAdapter):
             module.lora_A.requires_grad_(True)
             module.lora_B.requires_grad_(True)
 
@@ -135,7 +135,7 @@ def add_lora(model: GPTModel, config: LoRAConfig, base_ref: dict) -> GPTModel:
                               f"({min(layer.in_features, layer.out_features)}); a rank that large is no longer "
                               "low-rank: choose at most that")
     for name, layer in layers.items():
-        _replace(model, name, LoRALinear(layer, config.rank, config.alpha, config.dropout))
+        _replace(model, name, lora_layer(layer, config.rank, config.alpha, config.dropout))
     model.lora, model.base_ref = config, dict(base_ref)
     select_trainable(model, "lora")
     return model
@@ -145,8 +145,12 @@ def merge_lora(model: GPTModel) -> GPTModel:
     """Fold every adapter into its weight, in place: afterwards ``model`` is an ordinary ``GPTModel``.
 
     A tied head with an adapter no longer equals the token embedding, so it is untied (``tie_weights`` False).
+    Adapters over an int8 / int4 base merge into float weights: dequantize that first (``gptlab.weights.merge_adapters``).
     """
-    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]:
+    if getattr(model, "quantization", None) is not None:
+        raise GptlabError("the model's base is int8/int4: dequantize it before merging its adapters "
+                          "(gptlab.weights.merge_adapters does both)")
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRAAdapter)]:
         plain = CPULinear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         plain.weight = nn.Parameter(layer.merged_weight(), requires_grad=False)
         plain.bias = layer.bias
@@ -159,7 +163,7 @@ def merge_lora(model: GPTModel) -> GPTModel:
 
 def trained_names(model: GPTModel) -> list[str]:
     """The parameters a LoRA model trains, which are all its run stores: the adapters and a classifier's head."""
-    names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) for n in (f"{n}.lora_A", f"{n}.lora_B")]
+    names = [n for n, m in model.named_modules() if isinstance(m, LoRAAdapter) for n in (f"{n}.lora_A", f"{n}.lora_B")]
     if is_classifier(model):
         names += [f"lm_head.{n}" for n, _ in model.lm_head.named_parameters()]
     return names

@@ -45,7 +45,7 @@ from gptlab.errors import GptlabError
 from gptlab.model import GPTConfig, GPTModel
 from gptlab.files import atomic_write, atomic_write_text, check_writable_dir, same_path
 from gptlab.surgery import add_classifier_head, add_lora, is_classifier, merge_lora, rebuild_head, weights_fingerprint
-from gptlab.lora import LoRALinear
+from gptlab.lora import LoRAAdapter
 from gptlab.quantize import (
     QuantizedLinear, dequantize_model, describe, is_quantized, quantize_model, quantized_skeleton,
 )
@@ -133,9 +133,16 @@ def quantize_loaded(model: GPTModel, quantize: QuantizeConfig | None, source: st
     """``--quantize``: the loaded ``model`` with int8/int4 linears (LoRA adapters merged in first); as it is for None."""
     if quantize is None:
         return model
-    if getattr(model, "lora", None) is not None:
-        merge_lora(model)
+    merge_adapters(model)
     return quantize_model(model, quantize, str(source))
+
+
+def merge_adapters(model: GPTModel) -> GPTModel:
+    """A LoRA ``model``'s adapters folded into its weights, in place; over an int8 / int4 base (QLoRA) the base is
+    dequantized first, so the merged model is float32 throughout. A model without adapters is left as it is."""
+    if getattr(model, "lora", None) is None:
+        return model
+    return merge_lora(dequantize_model(model))
 
 
 def check_config(found: GPTConfig, requested: GPTConfig, source: str | Path) -> None:
@@ -341,9 +348,7 @@ def base_reference(source: str | Path, model: GPTModel) -> dict:
 def load_base(source: str | Path, device: str | torch.device = "cpu") -> tuple[GPTModel, Tokenizer]:
     """``load``, with the adapters of a LoRA source folded in: a model to train on like any other."""
     model, tokenizer = load(source, device)
-    if getattr(model, "lora", None) is not None:
-        merge_lora(model)
-    return model, tokenizer
+    return merge_adapters(model), tokenizer
 
 
 def _lora_run_model(run_dir: Path, config: dict, device) -> GPTModel:
@@ -704,12 +709,11 @@ def build_model(preset: str, init: str | None, tokenizer_name: str | None, overr
         model = GPTModel(config)
         return (add_classifier_head(model, num_classes) if num_classes else model), tokenizer
     model, tokenizer = load_base(init)
-    if is_quantized(model):
+    if is_quantized(model) and lora is None:
         origin = source_metadata(init).get("exported_from")
         raise GptlabError(f"--init {init} is quantized ({describe(model.quantization)}): its weights are integers, "
-                          f"which do not train; train on the float model it was quantized from"
-                          f"{f' ({origin})' if origin else ''}, then quantize the result (LoRA on a quantized base "
-                          "is not supported yet)")
+                          f"which do not train; add --lora to train adapters over them (QLoRA), or train on the "
+                          f"float model it was quantized from{f' ({origin})' if origin else ''}")
     if drop_head and not is_classifier(model):
         raise GptlabError(f"--drop-head: {init} has no classifier head to drop (it is a language model); "
                           "leave --drop-head out")
@@ -777,7 +781,7 @@ def export_peft(model: GPTModel, out_dir: str | Path, base_name_or_path: str, ov
     out_dir = check_export_dir(out_dir, overwrite)
     state: State = {}
     for name, layer in model.named_modules():
-        if isinstance(layer, LoRALinear):
+        if isinstance(layer, LoRAAdapter):
             module = f"{PEFT_PREFIX}{'' if name == 'lm_head' else 'transformer.'}{name}"
             state[f"{module}.lora_A.weight"] = layer.lora_A
             state[f"{module}.lora_B.weight"] = layer.lora_B
@@ -846,13 +850,13 @@ def export_model(source: str | Path, out_dir: str | Path, format: str = "hf", me
         export_peft(model, out_dir, base, overwrite=overwrite)
         return (f"wrote {out_dir}: PEFT LoRA adapter (rank {lora.rank}, {', '.join(lora.targets)}) "
                 f"for the base {base}")
-    if lora is not None:
-        if not merge:
-            raise _needs_merge(source, format)
-        merge_lora(model)
+    if lora is not None and not merge:
+        raise _needs_merge(source, format)
     dequantized = is_quantized(model)
+    merge_adapters(model)  # over an int8 / int4 base: dequantized, then merged
     dequantize_model(model)  # what --format hf and run hold: float32 weights (README: Low precision)
-    merged = ", LoRA merged" if lora is not None else ", dequantized to float32" if dequantized else ""
+    merged = ", ".join([""] + [what for what, done in (("LoRA merged", lora is not None),
+                                                       ("dequantized to float32", dequantized)) if done])
     size = f"{model.num_parameters() / 1e6:.1f}M parameters"
     if format == "hf":
         export_hf(model, out_dir, tokenizer, overwrite=overwrite)
@@ -928,8 +932,7 @@ def _load_peft_folder(folder: Path, expect: GPTConfig | None) -> tuple[GPTModel,
                           f"base_model_name_or_path in {PEFT_CONFIG} to where the base is") from None
     finally:
         _peft_folders_loading.pop()
-    if getattr(model, "lora", None) is not None:
-        merge_lora(model)
+    merge_adapters(model)
     if is_classifier(model):
         raise GptlabError(f"{folder}: its base {base} is a classifier; a PEFT adapter loads on a GPT-2 language "
                           "model (task_type CAUSAL_LM)")
@@ -1031,7 +1034,7 @@ def _gptlab_target(name: str) -> str:
 
 
 def _lora_layer_names(model: GPTModel) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    return [n for n, m in model.named_modules() if isinstance(m, LoRAAdapter)]
 
 
 def _peft_base(raw: dict, folder: Path) -> str:
